@@ -1,17 +1,24 @@
 """Time one MIND training step at the paper's scale, against the straightforward way to write it.
 
 Both steps run the same batch through the same student, MetaNet, equations and optimizers; only the
-student's forward pass differs:
-  mind   mind.micro_step: MetaNet scores first; the selected paths run with gradients, the others
-         without; per-path loss from hidden states at the label positions, `loss_chunk` rows of
-         logits at a time; full-vocabulary log-probs at the answer tokens only.
-  naive  every path through model(...) with gradients, full (paths, tokens, vocabulary) logits, the
-         losses and answer log-probs read from them.
+way the student runs differs:
+  mind   mind.micro_step with mind.py's defaults: all paths once without gradients, packed in passes
+         of at most --max-tokens-per-pass tokens; the selected ones again with gradients, the same
+         way, backpropagating the surrogate of Eq. 4; losses from hidden states at label positions.
+  naive  the straightforward step: every path through model(...) in one padded batch with gradients,
+         full (paths, tokens, vocabulary) logits, the losses and answer log-probs read from them;
+         peft's defaults (fp32 adapters fed fp32 copies of the activations).
 Students are built from a config (random weights, nothing downloaded): Qwen2.5-1.5B and Qwen2.5-7B
 shapes, bf16, LoRA r16 on all linear layers, AdamW; 4 problems x 8 paths. Reported per case: median
-step time after warm-up, tokens/s (real tokens, padding excluded), peak GPU memory, and the share of
-the measured bf16 matmul peak. The FLOPs are those actually executed, counted by PyTorch's
-FlopCounterMode over one extra step: padding, the backward pass and recomputation all included.
+step time after warm-up, tokens/s (real tokens of all 32 paths, padding excluded), peak GPU memory,
+two shares of the measured bf16 matmul peak, and the padding a single batch of the 32 paths would have:
+  executed  the FLOPs PyTorch dispatched (FlopCounterMode over one extra step): padding, backward,
+            recomputation and the second pass all count;
+  useful    the FLOPs the method needs, the same formula for both steps: a forward over every real
+            token of every path, and a backward (activation gradients only: the base weights are
+            frozen) over the selected paths; 2 * P per token and pass for the P weights of the
+            linear layers, 2 * layers * hidden * n^2 per causal attention over a path of n tokens,
+            2 * hidden * V per label token for the LM head.
 
 Usage:
   python bench.py                      # one GPU: both shapes, 512 and 1024 tokens, mind and naive
@@ -36,16 +43,38 @@ SHAPES = {  # from the published configs of Qwen2.5-1.5B and Qwen2.5-7B
 }
 
 
-def build(shape: str, cfg: mind.Config, device, dtype):
+def build(shape: str, cfg: mind.Config, device, dtype, method: str = "mind"):
     from peft import LoraConfig, get_peft_model
     from transformers import Qwen2Config, Qwen2ForCausalLM
     torch.manual_seed(0)
     with torch.device(device):
         model = Qwen2ForCausalLM(Qwen2Config(**SHAPES[shape], max_position_embeddings=32768)).to(dtype)
-    if cfg.grad_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if method == "mind":
+        return mind.add_lora(model, cfg, device)
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules="all-linear")
     return get_peft_model(model, lora)
+
+
+def useful_flops(shape: str, problems, mask) -> float:
+    """The FLOPs the step needs (see the docstring): forward of every path, backward of the selected."""
+    c = SHAPES[shape]
+    h, L = c["hidden_size"], c["num_hidden_layers"]
+    kv = c["num_key_value_heads"] * h // c["num_attention_heads"]                # k and v widths
+    P = L * (2 * h * h + 2 * h * kv + 3 * h * c["intermediate_size"])  # q, o; k, v; gate, up, down
+    def fwd(p):
+        n, labels = len(p[0]), len(p[0]) - p[1]
+        return 2 * P * n + 2 * L * h * n * n + 2 * h * c["vocab_size"] * labels
+    sel = mask.flatten().tolist()
+    flat = [p for pp in problems for p in pp]
+    return sum(fwd(p) for p in flat) + sum(fwd(p) for p, s in zip(flat, sel) if s)
+
+
+def padding(problems, method: str, cfg: mind.Config) -> float:
+    """Share of padded positions in the forward over all paths: one batch (naive), mind's passes."""
+    lens = [len(p[0]) for pp in problems for p in pp]
+    packed = method == "mind" and cfg.packing
+    passes = mind.plan_passes(lens, cfg.max_tokens_per_pass, cfg.packing) if method == "mind" else [range(len(lens))]
+    return 1 - sum(lens) / sum(sum(lens[i] for i in q) if packed else len(q) * max(lens[i] for i in q) for q in passes)
 
 
 def make_problems(B: int, max_len: int, vocab: int, seed: int):
@@ -120,30 +149,31 @@ def same_losses(shape: str, device, max_len: int = 128) -> float:
     metanet = mind.MetaNet(384).to(device)
     problems = make_problems(2, max_len, SHAPES[shape]["vocab_size"], seed=1)
     h_x, h_r = torch.randn(2, 384, device=device), torch.randn(2, mind.K, 384, device=device)
-    trunk, head = mind.Trunk(model), model.get_base_model().get_output_embeddings()
-    a = mind.micro_step(cfg, problems, h_x, h_r, metanet, trunk, head, False, device)
+    body, head = model.get_base_model().base_model, model.get_base_model().get_output_embeddings()
+    l_meta, info = mind.micro_step(cfg, problems, h_x, h_r, metanet, body, head, False, device)
     b = naive_step(cfg, problems, h_x, h_r, metanet, model, device)
-    assert torch.equal(a[2]["mask"], b[2]["mask"])
-    return max(abs(a[0].item() - b[0].item()), abs(a[1].item() - b[1].item()))
+    assert torch.equal(info["mask"], b[2]["mask"])
+    return max(abs(l_meta.item() - b[0].item()), abs(info["student"].item() - b[1].item()))
 
 
 def run_case(shape, max_len, method, beta, args, device, dtype, peak):
-    cfg = mind.Config(student="bench", beta=beta, grad_checkpointing=args.grad_checkpointing, loss_chunk=args.loss_chunk)
-    model = build(shape, cfg, device, dtype)
-    trunk, head = mind.Trunk(model), model.get_base_model().get_output_embeddings()
+    cfg = mind.Config(student="bench", beta=beta, grad_checkpointing=args.grad_checkpointing, loss_chunk=args.loss_chunk,
+                      max_tokens_per_pass=args.max_tokens_per_pass, packing=args.packing)
+    model = build(shape, cfg, device, dtype, method)
+    body, head = model.get_base_model().base_model, model.get_base_model().get_output_embeddings()
     metanet = mind.MetaNet(384).to(device)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-5)
     meta_opt = torch.optim.AdamW(metanet.parameters(), lr=5e-5)
     problems = make_problems(args.batch, max_len, SHAPES[shape]["vocab_size"], seed=max_len)
     h_x, h_r = torch.randn(args.batch, 384, device=device), torch.randn(args.batch, mind.K, 384, device=device)
-    autocast = torch.autocast(device.type, torch.bfloat16, enabled=dtype == torch.bfloat16)
     def step():
-        with autocast:
-            if method == "naive":
+        if method == "naive":
+            with mind.autocast(device):
                 l_meta, l_student, info = naive_step(cfg, problems, h_x, h_r, metanet, model, device)
-            else:
-                l_meta, l_student, info = mind.micro_step(cfg, problems, h_x, h_r, metanet, trunk, head, False, device)
-        (l_meta + l_student).backward()
+            (l_meta + l_student).backward()
+        else:  # the student's backward passes happen inside micro_step
+            l_meta, info = mind.micro_step(cfg, problems, h_x, h_r, metanet, body, head, False, device)
+            l_meta.backward()
         opt.step(), meta_opt.step(), opt.zero_grad(set_to_none=True), meta_opt.zero_grad(set_to_none=True)
         return info["mask"]
 
@@ -164,15 +194,15 @@ def run_case(shape, max_len, method, beta, args, device, dtype, peak):
     except torch.cuda.OutOfMemoryError:
         return {"shape": shape, "len": max_len, "method": method, "beta": beta, "oom": True}
     finally:
-        del model, trunk, head, opt
-    lens = [len(p[0]) for pp in problems for p in pp]
-    real, padded = sum(lens), max(lens) * len(lens)  # padding as one batch of all 32 paths has it
+        del model, body, head, opt
+    real = sum(len(p[0]) for pp in problems for p in pp)
     step = statistics.median(times)
     peak_gib = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
     return {"shape": shape, "len": max_len, "method": method, "beta": beta, "oom": False, "step_s": step,
             "tokens_per_s": real / step, "peak_gib": peak_gib, "flops": counter.get_total_flops(),
-            "mfu": counter.get_total_flops() / step / peak, "selected_per_problem": mask.sum().item() / args.batch,
-            "padding": 1 - real / padded, "mean_path_tokens": real / len(lens)}
+            "mfu": counter.get_total_flops() / step / peak, "useful_mfu": useful_flops(shape, problems, mask) / step / peak,
+            "selected_per_problem": mask.sum().item() / args.batch,
+            "padding": padding(problems, method, cfg), "mean_path_tokens": real / (mind.K * len(problems))}
 
 
 def main(argv=None):
@@ -184,8 +214,12 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=4, help="problems per step [Table 8]")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--loss-chunk", type=int, default=1024)
-    p.add_argument("--grad-checkpointing", action="store_true")
+    d = mind.Config
+    p.add_argument("--loss-chunk", type=int, default=d.loss_chunk)
+    p.add_argument("--max-tokens-per-pass", type=int, default=d.max_tokens_per_pass)
+    p.add_argument("--packing", action=argparse.BooleanOptionalAction, default=d.packing)
+    p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=d.grad_checkpointing,
+                   help="default: mind.py's (on for 7B, off for 1.5B)")
     p.add_argument("--out", default="bench.json")
     args = p.parse_args(argv)
     if args.tiny:
@@ -198,8 +232,8 @@ def main(argv=None):
     if args.tiny:
         diff = same_losses("tiny", device)
         print(f"mind and naive steps agree on the losses: max difference {diff:.2e}")
-    print("| shape | max len | step | s/step | tokens/s | peak GiB | of matmul peak | paths selected | padding |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| shape | max len | step | s/step | tokens/s | peak GiB | executed FLOPs | useful FLOPs | paths selected | padding |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     beta = mind.Config.beta
     rows = []
     for shape in args.shapes:
@@ -218,9 +252,9 @@ def main(argv=None):
 def format_row(r) -> str:
     head = f"| {r['shape']} | {r['len']} | {r['method']} (beta {r['beta']:g}) |"
     if r["oom"]:
-        return head + " out of memory | | | | | |"
+        return head + " out of memory | | | | | | |"
     mem = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}"
-    return (head + f" {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | {mem} | {100 * r['mfu']:.0f}% | "
+    return (head + f" {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | {mem} | {100 * r['mfu']:.0f}% | {100 * r['useful_mfu']:.0f}% | "
             f"{r['selected_per_problem']:.1f} | {100 * r['padding']:.0f}% |")
 
 
