@@ -16,17 +16,22 @@ second wins); GPQA's four options are shuffled per question by random.Random(f"{
 seed and the order are saved; decoding is pure greedy (the model's own repetition penalty or sampling
 defaults are not applied, on either backend); the hf backend merges an adapter into the weights.
 
+Speed (issue 11): the hf backend decodes with a static KV cache and fixed shapes, so that transformers compiles
+the decoding step (CUDA only), in large batches sized to the free GPU memory (make_decoder). Its greedy
+completions are those of the plain path (--decode plain, the dynamic cache used before), token for token in fp32.
+
 Usage:
   python evaluate.py --student Qwen/Qwen2.5-1.5B-Instruct --bench all                 # the base row
   python evaluate.py --student Qwen/Qwen2.5-1.5B-Instruct --adapter runs/mind/adapter --with-base
-  python evaluate.py --student ... --backend vllm                   # much faster, if vllm is installed
+  python evaluate.py --student ... --backend vllm                   # if vllm is installed
   python evaluate.py --student runs/tiny/tiny-student --local data/fixtures/eval --max-new-tokens 32
   python evaluate.py --table runs/eval/*.json                       # one table from saved results
-Each row writes OUT/<row>.json (every prompt, completion, extracted answer and verdict) after every
-benchmark, and a rerun with the same settings reuses the benchmarks already done; OUT/table.md holds
-the table.
+  python evaluate.py --speed-test                                   # plain vs fast decoding, one table
+Each row writes OUT/<row>.json (every prompt, completion, extracted answer and verdict, and the generation
+time and new tokens/s) after every benchmark, and a rerun with the same settings reuses the benchmarks
+already done; OUT/table.md holds the table.
 """
-import argparse, csv, json, math, os, random, re, sys, threading
+import argparse, csv, json, math, os, random, re, sys, threading, time
 from pathlib import Path
 
 from prompts import eval_prompt, last_boxed, plain_prompt
@@ -325,11 +330,138 @@ def check_adapter(adapter: str):
         raise EvalError(f"--adapter {adapter}: no adapter_config.json there (expected mind.py's OUT/adapter)")
 
 
-def hf_generator(student: str, adapter: str | None, tok, max_new_tokens: int, batch_size: int):
-    """A function (prompt ids, description) -> completions, on the GPU if there is one."""
+# The fast path's fixed shapes. Issue 11 measured a Qwen2.5-1.5B-shaped student on one H200 (256 new tokens): 1,350
+# new tok/s on the plain path at batch 64; with a static cache and a compiled step, 7,642 at batch 64 and 11,931 at 256.
+WIDTH_STEP = 64        # prompts are left-padded to a multiple of this many tokens
+MAX_AUTO_BATCH = 256   # the largest batch that --batch-size picks by itself (the largest measured)
+CPU_BATCH = 16         # --batch-size on a CPU, and everywhere before issue 11
+
+
+def plan_batches(lengths: list[int], batch_size: int, fill: bool) -> list[list[int]]:
+    """Prompt indices in batches, longest prompts first (similar lengths share a batch: little padding).
+    fill: top the last batch up with copies of its last prompt, so that every batch has the same shape and
+    the compiled decoding step is reused. A copy stops when its original does: it adds no decoding steps."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    if fill and batches:
+        batches[-1] += batches[-1][-1:] * (batch_size - len(batches[-1]))
+    return batches
+
+
+def left_pad(rows: list[list[int]], width: int, pad_id: int):
+    """(input_ids, attention_mask), both (B, width), every prompt ending at the right edge: each row's first
+    new token follows its own last prompt token. Positions are counted from the mask, so extra padding on
+    the left does not move them."""
     import torch
-    from transformers import AutoModelForCausalLM, GenerationConfig
-    from tqdm.auto import tqdm
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        ids[r, width - len(row):] = torch.tensor(row, dtype=torch.long)
+        mask[r, width - len(row):] = 1
+    return ids, mask
+
+
+def row_bytes(config, width: int, cache_len: int, itemsize: int) -> int:
+    """GPU memory one prompt takes while it is decoded: its KV cache (layers x 2 x kv_heads x head_dim x
+    cache_len values), one layer's activations during the prefill, its rows of the attention mask and its
+    last logits (fp32). Weights are not included: they are already on the GPU when this is asked."""
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    inter = getattr(config, "intermediate_size", None) or 4 * config.hidden_size  # GPT-2: 4 x hidden
+    kv = config.num_hidden_layers * 2 * kv_heads * head_dim * cache_len * itemsize
+    prefill = width * (4 * config.hidden_size + 3 * inter) * itemsize + width * cache_len * itemsize
+    return kv + prefill + 2 * config.vocab_size * 4
+
+
+def auto_batch_size(config, itemsize: int, free_bytes: int, width: int, max_new_tokens: int) -> int:
+    """As many prompts as 80% of the free GPU memory holds (row_bytes), a multiple of 8, at most MAX_AUTO_BATCH."""
+    per_row = row_bytes(config, width, round_up(width) + max_new_tokens, itemsize)
+    n = int(0.8 * free_bytes) // per_row
+    if n < 1:
+        raise EvalError(f"one prompt of {width} tokens plus {max_new_tokens} new ones needs about "
+                        f"{per_row / 2**30:.1f} GiB and {free_bytes / 2**30:.1f} GiB are free; lower --max-new-tokens")
+    return min(MAX_AUTO_BATCH, n if n < 8 else n // 8 * 8)
+
+
+def round_up(n: int, step: int = WIDTH_STEP) -> int:
+    return -(-n // step) * step
+
+
+def make_decoder(model, max_new_tokens: int, batch_size: int, fast: bool, eos, pad_id: int,
+                 longest_prompt: int = 0, compile: bool = True):
+    """decode(prompt_ids, on_batch=None) -> (completions as token ids, without eos; new tokens generated).
+    Greedy; a row stops at its first `eos` (an id, a list of ids, or None: never). on_batch(rows, new tokens)
+    is called after each batch.
+      plain: evaluate.py's path before issue 11. model.generate with a dynamic KV cache, each batch padded to
+             its own longest prompt. Every decoding step runs the model's Python and launches every kernel
+             anew: on a GPU a step takes about as long for a 135M model as for a 1.5B one (~47 ms, issue 11).
+      fast:  one static KV cache (batch_size rows x cache_len), zeroed and reused by every batch. With a static
+             cache, transformers compiles the decoding step (torch.compile with CUDA graphs, on CUDA only), once
+             per shape. One shape: every batch has batch_size rows (plan_batches fills the last), prompts are
+             padded to a multiple of WIDTH_STEP and the cache holds the longest prompt + max_new_tokens (it is
+             rebuilt, and the step recompiled, only if a later call brings a longer prompt). The GPU is then
+             kept busy by large batches (auto_batch_size). Prompts and positions are as in plain, so greedy
+             completions are the same (test_evaluate.py checks this token for token in fp32)."""
+    import torch
+    import transformers
+    from packaging.version import Version
+    from transformers import GenerationConfig, StaticCache
+    # Every value set here overrides the model's generation_config (Qwen's asks for sampling and a repetition
+    # penalty of 1.05); the others are filled from it, but greedy search does not read them.
+    greedy = GenerationConfig(do_sample=False, num_beams=1, repetition_penalty=1.0, max_new_tokens=max_new_tokens,
+                              eos_token_id=eos, pad_token_id=pad_id, disable_compile=not compile)
+    stop = set([] if eos is None else [eos] if isinstance(eos, int) else eos)
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    cache_kw = "cache" if Version(transformers.__version__) >= Version("5.24") else "past_key_values"  # renamed in 5.24
+    cache = {"len": 0, "cache": None}
+
+    def static_cache(width: int):
+        if width + max_new_tokens > cache["len"]:  # the first batch, or a longer prompt than announced
+            cache["len"] = round_up(max(width, longest_prompt)) + max_new_tokens
+            cache["cache"] = None  # free the old one first
+            cache["cache"] = StaticCache(config=model.config, max_cache_len=cache["len"])
+        cache["cache"].reset()  # zeroed in place: the compiled step keeps its buffers
+        return {cache_kw: cache["cache"]}
+
+    def decode(prompt_ids: list[list[int]], on_batch=None) -> tuple[list[list[int]], int]:
+        out, total, cut = [None] * len(prompt_ids), 0, 0
+        for idx in plan_batches([len(p) for p in prompt_ids], batch_size, fill=fast):
+            longest = len(prompt_ids[idx[0]])
+            width = round_up(longest) if fast else longest
+            room = max_new_tokens if max_pos is None else min(max_new_tokens, max_pos - longest)
+            if room < 1:
+                raise EvalError(f"a prompt of {longest} tokens fills the student's context ({max_pos})")
+            cut += room < max_new_tokens
+            greedy.max_new_tokens = room
+            input_ids, mask = left_pad([prompt_ids[i] for i in idx], width, pad_id)
+            try:
+                with torch.no_grad():  # (not inference_mode: the static cache's tensors outlive this call)
+                    seqs = model.generate(input_ids=input_ids.to(model.device), attention_mask=mask.to(model.device),
+                                          generation_config=greedy, **(static_cache(width) if fast else {}))
+            except torch.cuda.OutOfMemoryError:
+                raise EvalError(f"out of GPU memory with batches of {batch_size} prompts ({width} tokens wide, up to "
+                                f"{room} new): pass a smaller --batch-size, e.g. --batch-size {max(1, batch_size // 2)}"
+                                ) from None
+            new = 0
+            for row, i in enumerate(dict.fromkeys(idx)):  # the copies that fill a batch come last: skipped
+                ids = seqs[row, width:].tolist()
+                end = next((k for k, t in enumerate(ids) if t in stop), None)
+                out[i] = ids if end is None else ids[:end]
+                new += len(ids) if end is None else end + 1  # after its eos a row only holds padding
+            total += new
+            if on_batch:
+                on_batch(len(set(idx)), new)
+        if cut:
+            print(f"warning: {cut} batch(es) had less than --max-new-tokens left in the context", file=sys.stderr)
+        return out, total
+    return decode
+
+
+def load_model(student: str, adapter: str | None):
+    """The student (with the adapter merged into its weights) on the GPU if there is one, bf16 where supported."""
+    import torch
+    from transformers import AutoModelForCausalLM
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     try:
@@ -339,37 +471,58 @@ def hf_generator(student: str, adapter: str | None, tok, max_new_tokens: int, ba
     if adapter:
         from peft import PeftModel
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload()  # plain weights: faster decoding
-    model.to(device).eval()
-    # Every value set here overrides the model's generation_config (Qwen's asks for sampling and a
-    # repetition penalty of 1.05); the others are filled from it, but greedy search does not read them.
-    eos = model.generation_config.eos_token_id  # may be a list (Qwen: <|im_end|> and <|endoftext|>)
-    greedy = GenerationConfig(do_sample=False, num_beams=1, repetition_penalty=1.0, max_new_tokens=max_new_tokens,
-                              eos_token_id=tok.eos_token_id if eos is None else eos, pad_token_id=tok.pad_token_id)
-    max_pos = getattr(model.config, "max_position_embeddings", None)
-    tok.padding_side = "left"  # so that every row's next token follows its own last prompt token
+    return model.to(device).eval()
 
-    def generate(prompt_ids: list[list[int]], desc: str) -> list[str]:
-        order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))  # similar lengths together
-        out, cut = [None] * len(prompt_ids), 0
-        with tqdm(total=len(order), desc=desc, dynamic_ncols=True) as bar:
-            for s in range(0, len(order), batch_size):
-                idx = order[s:s + batch_size]
-                batch = tok.pad({"input_ids": [prompt_ids[i] for i in idx]}, return_tensors="pt").to(device)
-                width = batch["input_ids"].shape[1]
-                room = max_new_tokens if max_pos is None else min(max_new_tokens, max_pos - width)
-                if room < 1:
-                    raise EvalError(f"{desc}: a prompt of {width} tokens fills the student's context ({max_pos})")
-                cut += room < max_new_tokens
-                greedy.max_new_tokens = room
-                with torch.inference_mode():
-                    seqs = model.generate(**batch, generation_config=greedy)
-                for i, text in zip(idx, tok.batch_decode(seqs[:, width:], skip_special_tokens=True)):
-                    out[i] = text
-                bar.update(len(idx))
-        if cut:
-            print(f"warning: {desc}: {cut} batch(es) had less than --max-new-tokens left in the context",
-                  file=sys.stderr)
-        return out
+
+def pick_batch_size(model, batch_size: int | None, longest_prompt: int, max_new_tokens: int) -> int:
+    """--batch-size if given; else CPU_BATCH on a CPU and auto_batch_size on a GPU (said on stderr)."""
+    import torch
+    if batch_size:
+        return batch_size
+    if model.device.type != "cuda":
+        return CPU_BATCH
+    free = torch.cuda.mem_get_info(model.device)[0]
+    n = auto_batch_size(model.config, model.dtype.itemsize, free, longest_prompt, max_new_tokens)
+    print(f"batch size {n} (from {free / 2**30:.1f} GiB free, prompts up to {longest_prompt} tokens and "
+          f"{max_new_tokens} new; --batch-size N to choose)", file=sys.stderr)
+    return n
+
+
+class Progress:
+    """A tqdm bar of questions done, with new tokens/s and the time left; stats() for the results file."""
+    def __init__(self, total: int, desc: str):
+        from tqdm.auto import tqdm
+        self.bar, self.tokens, self.start = tqdm(total=total, desc=desc, dynamic_ncols=True), 0, time.perf_counter()
+
+    def __call__(self, rows: int, new_tokens: int):
+        self.tokens += new_tokens
+        self.bar.set_postfix_str(f"{self.tokens / (time.perf_counter() - self.start):,.0f} new tok/s", refresh=False)
+        self.bar.update(rows)  # tqdm's own estimate of the time left follows the questions done
+
+    def stats(self) -> dict:
+        self.bar.close()
+        seconds = time.perf_counter() - self.start
+        return dict(gen_seconds=round(seconds, 3), new_tokens=self.tokens, tokens_per_s=round(self.tokens / seconds, 1))
+
+
+def hf_generator(student: str, adapter: str | None, tok, max_new_tokens: int, batch_size: int | None,
+                 decode: str = "fast", compile: bool = True, longest_prompt: int = 0):
+    """A function (prompt ids, description) -> (completions, generation stats), on the GPU if there is one."""
+    model = load_model(student, adapter)
+    eos = model.generation_config.eos_token_id  # may be a list (Qwen: <|im_end|> and <|endoftext|>)
+    batch_size = pick_batch_size(model, batch_size, longest_prompt, max_new_tokens)
+    fast = decode == "fast"
+    decoder = make_decoder(model, max_new_tokens, batch_size, fast, tok.eos_token_id if eos is None else eos,
+                           tok.pad_token_id, longest_prompt, compile)
+    how = dict(decode=decode, batch_size=batch_size, compiled=fast and compile and model.device.type == "cuda")
+
+    def generate(prompt_ids: list[list[int]], desc: str) -> tuple[list[str], dict]:
+        progress = Progress(len(prompt_ids), desc)
+        try:
+            ids, _ = decoder(prompt_ids, progress)
+        except EvalError as e:
+            raise EvalError(f"{desc}: {e}") from None
+        return tok.batch_decode(ids, skip_special_tokens=True), {**progress.stats(), **how}
     return generate
 
 
@@ -396,10 +549,13 @@ def vllm_generator(student: str, adapter: str | None, tok, max_new_tokens: int, 
     params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, repetition_penalty=1.0, stop_token_ids=eos,
                             skip_special_tokens=True)
 
-    def generate(prompt_ids: list[list[int]], desc: str) -> list[str]:
+    def generate(prompt_ids: list[list[int]], desc: str) -> tuple[list[str], dict]:
         print(f"{desc}: {len(prompt_ids)} prompts", file=sys.stderr)
+        start = time.perf_counter()
         outs = llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=True, lora_request=lora)
-        return [o.outputs[0].text for o in outs]  # vLLM returns outputs in the order of the prompts
+        seconds, new = time.perf_counter() - start, sum(len(o.outputs[0].token_ids) for o in outs)
+        stats = dict(gen_seconds=round(seconds, 3), new_tokens=new, tokens_per_s=round(new / seconds, 1), decode="vllm")
+        return [o.outputs[0].text for o in outs], stats  # vLLM returns outputs in the order of the prompts
     return generate
 
 
@@ -468,26 +624,140 @@ def evaluate_row(args, adapter: str | None, data: dict, tok) -> dict:
             raise EvalError(f"{path} holds results with other settings ({old.get('settings')}); "
                             "choose another --out or move that file away")
         result["benchmarks"] = old["benchmarks"]
-    generate = None
+    todo = {}  # the benchmarks still to generate: their items with the exact prompt, and its token ids
     for bench, (items, source) in data.items():
-        done = result["benchmarks"].get(bench)
-        questions = [q["question"] for q in items]
+        done, questions = result["benchmarks"].get(bench), [q["question"] for q in items]
         if done and done["source"] == source and [q["question"] for q in done["items"]] == questions:
             print(f"{label} | {bench}: reused from {path}")
             continue
-        if generate is None:  # load the model only when there is something to generate
-            generate = (vllm_generator(args.student, adapter, tok, args.max_new_tokens, args.seed)
-                        if args.backend == "vllm" else
-                        hf_generator(args.student, adapter, tok, args.max_new_tokens, args.batch_size))
         items = [dict(it, prompt=format_prompt(tok, it["question"], BENCHES[bench]["kind"])) for it in items]
-        completions = generate(encode_prompts(tok, [it["prompt"] for it in items]), f"{bench} ({len(items)})")
-        result["benchmarks"][bench] = {"source": source, **score(bench, items, completions)}
+        todo[bench] = items, source, encode_prompts(tok, [it["prompt"] for it in items])
+    if not todo:
+        result["path"] = str(path)
+        return result
+    longest = max(len(ids) for _, _, prompt_ids in todo.values() for ids in prompt_ids)  # sizes the static cache once
+    if args.backend == "vllm":
+        generate = vllm_generator(args.student, adapter, tok, args.max_new_tokens, args.seed)
+    else:
+        generate = hf_generator(args.student, adapter, tok, args.max_new_tokens, args.batch_size, args.decode,
+                                args.compile, longest)
+    for bench, (items, source, prompt_ids) in todo.items():
+        completions, stats = generate(prompt_ids, f"{bench} ({len(items)})")
+        result["benchmarks"][bench] = {"source": source, **score(bench, items, completions), **stats}
         result["benchmarks"] = {b: result["benchmarks"][b] for b in BENCHES if b in result["benchmarks"]}
         write_json(path, result)  # after every benchmark: an interruption loses one benchmark at most
         r = result["benchmarks"][bench]
-        print(f"{label} | {bench}: {r['correct']}/{r['n']} = {r['accuracy']:.2f}% ({r['unparsed']} unparsed)")
+        print(f"{label} | {bench}: {r['correct']}/{r['n']} = {r['accuracy']:.2f}% ({r['unparsed']} unparsed); "
+              f"{r['new_tokens']:,} new tokens in {r['gen_seconds']:,.0f} s ({r['tokens_per_s']:,.0f} tok/s)")
     result["path"] = str(path)
     return result
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. Speed test: the plain decoding path against the fast one, on a student built from a config (no download).
+SPEED_SHAPES = {  # Qwen2 models; "1.5b" has the shape of Qwen2.5-1.5B-Instruct (its config.json), the paper's student
+    "tiny": dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2),
+    "1.5b": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                 num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True, rope_theta=1e6),
+}
+
+
+def speed_test(args) -> list[dict]:
+    """Greedy decoding of --speed-prompts random prompts (80-300 tokens), exactly --speed-new-tokens new tokens each
+    (no eos), by the --speed-paths: plain at batch 16 (evaluate.py before issue 11) and at the fast path's batch
+    size, fast, and vLLM (if installed; continuous batching, no batch size). Each path first decodes one batch
+    alone (the fast path compiles then; vLLM's time includes its start), then all prompts, timed. The last
+    column: Table 1's six benchmarks (4,225 questions) if every answer ran all --speed-new-tokens tokens, from
+    the measured time per batch (vLLM: per token), plus the first batch's extra time (compilation) once."""
+    if "vllm" in args.speed_paths:  # before any work
+        try:
+            import vllm  # noqa: F401
+        except ImportError:
+            raise EvalError("--speed-paths vllm: vllm is not installed (pip install vllm, on a CUDA machine)") from None
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2Config
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+    shape = {"auto": "1.5b" if cuda else "tiny"}.get(args.speed_shape, args.speed_shape)
+    torch.manual_seed(args.seed)
+    with device:  # random weights, made where they are used
+        model = AutoModelForCausalLM.from_config(Qwen2Config(**SPEED_SHAPES[shape], max_position_embeddings=32768),
+                                                 dtype=dtype).eval()
+    rng = random.Random(args.seed)
+    prompts = [[rng.randrange(model.config.vocab_size) for _ in range(rng.randint(80, 300))]
+               for _ in range(args.speed_prompts)]
+    longest, new_tokens = max(map(len, prompts)), args.speed_new_tokens
+    batch = pick_batch_size(model, args.batch_size, longest, new_tokens)
+    runs = list(dict.fromkeys((path, b) for path in args.speed_paths
+                              for b in ((CPU_BATCH, batch) if path == "plain" else (batch,))))
+    print(f"{shape} student ({sum(p.numel() for p in model.parameters()):,} parameters, {dtype}, "
+          f"{torch.cuda.get_device_name() if cuda else 'CPU'}), {len(prompts)} prompts of 80-300 tokens, "
+          f"{new_tokens} new tokens each", file=sys.stderr)
+    rows = []
+    for path, bs in runs:
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        if path == "vllm":  # last: the weights go to a temporary folder and leave this process's GPU memory
+            first, wall, new = vllm_speed(model, prompts, new_tokens, args.seed)
+            model = None
+            per_batch, bs = wall / len(prompts), None  # per question: vLLM has no batches
+        else:
+            decoder = make_decoder(model, new_tokens, bs, path == "fast", None, 0, longest, args.compile)
+            times = []
+            for part in (prompts[:bs], prompts):  # one batch alone (compiles the fast path), then all, timed
+                start = time.perf_counter()
+                _, new = decoder(part)
+                if cuda:
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - start)
+            first, wall, per_batch = times[0], times[1], times[1] / math.ceil(len(prompts) / bs)
+            del decoder
+        table1 = (sum(math.ceil(b["size"] / (bs or 1)) for b in BENCHES.values()) * per_batch
+                  + max(0.0, first - per_batch))
+        peak = torch.cuda.max_memory_allocated() / 2**30 if cuda and path != "vllm" else None
+        rows.append(dict(path=path, batch=bs, tokens_per_s=new / wall, wall_s=wall, first_batch_s=first,
+                         peak_gib=peak, table1_min=table1 / 60))
+        print(f"{path} @ {bs or 'continuous batching'}: {new / wall:,.0f} new tok/s", file=sys.stderr)
+    print(f"| path | batch | new tokens/s | wall s | first batch (compile) s | peak GPU GiB | x row 1 "
+          f"| Table 1 at {new_tokens} new tokens, min |\n|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        peak = "–" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}"
+        print(f"| {r['path']} | {r['batch'] or '–'} | {r['tokens_per_s']:,.0f} | {r['wall_s']:.1f} "
+              f"| {r['first_batch_s']:.1f} | {peak} | {r['tokens_per_s'] / rows[0]['tokens_per_s']:.1f} "
+              f"| {r['table1_min']:,.1f} |")
+    return rows
+
+
+def vllm_speed(model, prompts: list[list[int]], new_tokens: int, seed: int) -> tuple[float, float, int]:
+    """(start + first prompt s, all prompts s, new tokens) for vLLM on the same weights and prompts."""
+    from vllm import LLM, SamplingParams
+    import tempfile
+    import torch
+    with tempfile.TemporaryDirectory() as folder:
+        model.save_pretrained(folder)
+        model.to("cpu")  # vLLM sizes its KV cache from the free GPU memory
+        torch.cuda.empty_cache()
+        params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+        start = time.perf_counter()
+        llm = LLM(model=folder, skip_tokenizer_init=True, seed=seed,
+                  max_model_len=round_up(max(map(len, prompts))) + new_tokens)
+        llm.generate([{"prompt_token_ids": prompts[0]}], params, use_tqdm=False)
+        first, start = time.perf_counter() - start, time.perf_counter()
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        return first, time.perf_counter() - start, sum(len(o.outputs[0].token_ids) for o in outs)
+
+
+def batch_size_arg(text: str) -> int | None:
+    """--batch-size: a number, or auto (None)."""
+    if text == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a number nor auto") from None
 
 
 def parse_args(argv=None):
@@ -503,20 +773,42 @@ def parse_args(argv=None):
                    help="transformers generate, or vLLM if installed")
     p.add_argument("--max-new-tokens", type=int, default=2048, help="longest completion [ours: room for a full MATH "
                    "solution; a cut answer counts as wrong]")
-    p.add_argument("--batch-size", type=int, default=16, help="prompts per generate call (hf backend)")
+    p.add_argument("--batch-size", type=batch_size_arg, default="auto",
+                   help=f"prompts per batch (hf backend); auto: as many as fit in the free GPU memory, at most "
+                   f"{MAX_AUTO_BATCH}, and {CPU_BATCH} on a CPU")
+    p.add_argument("--decode", choices=("fast", "plain"), default="fast", help="hf backend: fast = a static KV cache "
+                   "and fixed shapes, decoding step compiled on CUDA; plain = the dynamic cache of evaluate.py before "
+                   "issue 11 (the same greedy completions, slower)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="compile the fast path's "
+                   "decoding step on CUDA (--no-compile: if compiling fails on this machine; much slower on a GPU)")
     p.add_argument("--seed", type=int, default=0, help="seed of the per-question GPQA option shuffle (and of vLLM)")
     p.add_argument("--limit", type=int, default=0, help="only the first N questions of each benchmark (smoke tests; "
                    "such numbers are not Table 1's); 0 = all")
     p.add_argument("--out", default="runs/eval", help="folder for the per-row JSON files and table.md")
     p.add_argument("--table", nargs="+", metavar="JSON", help="print the table of saved result files and exit")
+    p.add_argument("--speed-test", action="store_true", help="time the decoding paths on a student built from a "
+                   "config with random weights (no download), print one table and exit")
+    p.add_argument("--speed-shape", choices=("auto", *SPEED_SHAPES), default="auto",
+                   help="the student of --speed-test; auto: 1.5b on a GPU, tiny on a CPU")
+    p.add_argument("--speed-prompts", type=int, default=256, help="prompts of --speed-test (random ids, 80-300 tokens)")
+    p.add_argument("--speed-new-tokens", type=int, default=256, help="new tokens per prompt in --speed-test (no eos)")
+    p.add_argument("--speed-paths", default="plain,fast", help="paths of --speed-test: plain (at batch 16, as before "
+                   "issue 11, and at the fast path's batch size), fast, vllm (if installed)")
     args = p.parse_args(argv)
-    if args.max_new_tokens < 1 or args.batch_size < 1 or args.limit < 0:
-        p.error("--max-new-tokens and --batch-size must be >= 1, --limit >= 0")
+    if min(args.max_new_tokens, 1 if args.batch_size is None else args.batch_size, args.speed_prompts,
+           args.speed_new_tokens) < 1 or args.limit < 0:
+        p.error("--max-new-tokens, --batch-size, --speed-prompts and --speed-new-tokens must be >= 1, --limit >= 0")
+    args.speed_paths = [s.strip() for s in args.speed_paths.split(",") if s.strip()]
+    if not args.speed_paths or set(args.speed_paths) - {"plain", "fast", "vllm"}:
+        p.error(f"--speed-paths {','.join(args.speed_paths)}: a comma-separated list of plain, fast, vllm")
+    args.speed_paths.sort(key=lambda path: path == "vllm")  # vLLM last: it needs the GPU memory for itself
     return args
 
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
+    if args.speed_test:
+        return speed_test(args)
     if args.table:
         results = []
         for f in args.table:

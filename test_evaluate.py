@@ -194,6 +194,13 @@ def test_gated_gpqa_is_one_clear_message(monkeypatch):
 
 # ----------------------------------------------------------------------------------------------------
 # Generation
+def tokens_per_s_fits(stats) -> bool:
+    """tokens_per_s (rounded to 0.1) agrees with new_tokens / gen_seconds, gen_seconds being rounded to 1 ms:
+    on a fast run that rounding alone moves the quotient by several percent."""
+    n, g = stats["new_tokens"], stats["gen_seconds"]
+    return n / (g + 5e-4) - 0.05 <= stats["tokens_per_s"] <= n / max(g - 5e-4, 1e-9) + 0.05
+
+
 @pytest.fixture(scope="module")
 def random_student(tmp_path_factory):
     """A tiny GPT-2 with large random weights (prompt-dependent greedy text), whose own
@@ -231,8 +238,138 @@ def test_batched_left_padded_generation_is_plain_greedy(random_student):
         return tok.decode(out, skip_special_tokens=True)
     expected = [argmax_loop(i) for i in ids]
     assert len(set(expected)) > 1
-    assert ev.hf_generator(str(path), None, tok, 10, batch_size=4)(ids, "test") == expected
-    assert ev.hf_generator(str(path), None, tok, 10, batch_size=3)(ids, "test") == expected
+    for decode in ("plain", "fast"):
+        for batch_size in (4, 3):  # one batch; two, the second filled up with a copy on the fast path
+            texts, stats = ev.hf_generator(str(path), None, tok, 10, batch_size, decode)(ids, "test")
+            assert texts == expected, (decode, batch_size)
+            assert stats["new_tokens"] == 10 * len(ids)  # the copy is not counted
+            assert stats["decode"] == decode and stats["batch_size"] == batch_size and not stats["compiled"]  # CPU
+            assert tokens_per_s_fits(stats)
+
+
+@pytest.fixture(scope="module")
+def random_qwen2():
+    """A tiny Qwen2 (the paper's student family: grouped KV heads, rotary positions), random weights, fp32."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)  # large weights: greedy text that depends on the prompt
+    return model
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "qwen2"])
+def test_fast_path_gives_the_plain_path_completions_token_for_token(arch, random_student, random_qwen2):
+    """The fast path's own code (fill-up copies, widths rounded up to 64, static cache reused and regrown) against
+    the plain path, on CPU in fp32: prompts of 3 to 130 tokens, batches of other sizes and widths, rows that stop
+    early at eos and rows that run to the end."""
+    model = random_student[1] if arch == "gpt2" else random_qwen2
+    vocab = model.config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(1, vocab, (n,), generator=g).tolist() for n in (3, 70, 12, 40, 5, 66, 20)]
+    longer = [torch.randint(1, vocab, (n,), generator=g).tolist() for n in (130, 9)]  # needs a larger cache
+    plain_ids, plain_new = ev.make_decoder(model, 12, 3, False, None, 0)(prompts)
+    assert plain_new == 12 * len(prompts) and all(len(r) == 12 for r in plain_ids)
+    assert len({tuple(r) for r in plain_ids}) == len(prompts)  # prompt-dependent completions
+
+    # An "eos" that some completions produce after a few tokens and others never: rows end at different steps.
+    def first(row, t):
+        return row.index(t) if t in row else None
+    eos = next(t for t in sorted({t for r in plain_ids for t in r})
+               if any((first(r, t) or 0) >= 2 for r in plain_ids) and any(t not in r for r in plain_ids))
+    expected = [r[:first(r, eos)] if eos in r else r for r in plain_ids]  # greedy: the same text, cut at eos
+    assert 0 < sum(len(r) < 12 for r in expected) < len(prompts)
+
+    for batch_size in (2, 16):  # 7 prompts in 4 batches (widths 128 and 64, a copy) or in one, mostly copies
+        fast = ev.make_decoder(model, 12, batch_size, True, [eos], 0)
+        ids, new = fast(prompts)
+        assert ids == expected, batch_size
+        assert new == sum(len(r) + (len(r) < 12) for r in expected)  # eos itself is a generated token
+        assert fast(longer)[0] == ev.make_decoder(model, 12, 3, False, [eos], 0)(longer)[0]
+        assert fast(prompts)[0] == expected  # after the cache was regrown
+    assert ev.make_decoder(model, 12, 3, False, eos, 0)(prompts)[0] == expected
+
+
+def test_batches_padding_and_memory_arithmetic():
+    lengths = [5, 70, 12, 70, 3]
+    assert ev.plan_batches(lengths, 2, fill=False) == [[1, 3], [2, 0], [4]]  # longest first, stable
+    assert ev.plan_batches(lengths, 2, fill=True) == [[1, 3], [2, 0], [4, 4]]  # one shape: topped up with a copy
+    assert ev.plan_batches(lengths, 8, fill=True) == [[1, 3, 2, 0, 4, 4, 4, 4]]
+    ids, mask = ev.left_pad([[7, 8, 9], [5]], 4, pad_id=0)
+    assert ids.tolist() == [[0, 7, 8, 9], [0, 0, 0, 5]] and mask.tolist() == [[0, 1, 1, 1], [0, 0, 0, 1]]
+    assert [ev.round_up(n) for n in (1, 64, 65, 300)] == [64, 64, 128, 320]
+
+    # Qwen2.5-1.5B: 28 layers x 2 (K, V) x 2 KV heads x 128 dims x 2 bytes (bf16) = 28,672 bytes per cached token.
+    qwen = types.SimpleNamespace(num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+                                 hidden_size=1536, intermediate_size=8960, vocab_size=151936)
+    logits = 2 * 151936 * 4
+    assert ev.row_bytes(qwen, 0, 1000, 2) == 28_672 * 1000 + logits
+    prefill = 10 * (4 * 1536 + 3 * 8960) * 2 + 10 * 1000 * 2  # one layer's activations, the mask: 10 prompt tokens
+    assert ev.row_bytes(qwen, 10, 1000, 2) - ev.row_bytes(qwen, 0, 1000, 2) == prefill
+    per_row = ev.row_bytes(qwen, 300, 320 + 2048, 2)
+    assert ev.auto_batch_size(qwen, 2, 80 * 2**30, 300, 2048) == ev.MAX_AUTO_BATCH  # an empty H100: the cap
+    n = ev.auto_batch_size(qwen, 2, 10 * 2**30, 300, 2048)
+    assert n % 8 == 0 and n * per_row <= 0.8 * 10 * 2**30 < (n + 8) * per_row  # the most that fits, a multiple of 8
+    assert ev.auto_batch_size(qwen, 2, 3 * per_row, 300, 2048) == 2  # below 8: not rounded
+    with pytest.raises(ev.EvalError, match="--max-new-tokens"):
+        ev.auto_batch_size(qwen, 2, per_row, 300, 2048)
+
+
+def test_out_of_memory_is_one_clear_message(random_qwen2, monkeypatch):
+    def oom(*a, **k):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(random_qwen2, "generate", oom)
+    with pytest.raises(ev.EvalError) as e:
+        ev.make_decoder(random_qwen2, 8, 64, True, None, 0)([[1, 2, 3]])
+    assert "\n" not in str(e.value) and "--batch-size 32" in str(e.value) and "64 prompts" in str(e.value)
+
+
+def test_speed_test_prints_one_table(capsys):
+    rows = ev.main(["--speed-test", "--speed-shape", "tiny", "--speed-prompts", "10", "--speed-new-tokens", "6",
+                    "--batch-size", "4"])
+    assert [(r["path"], r["batch"]) for r in rows] == [("plain", 16), ("plain", 4), ("fast", 4)]
+    for r in rows:  # every path generates exactly prompts x new tokens (no eos)
+        assert r["tokens_per_s"] * r["wall_s"] == pytest.approx(10 * 6)
+        assert r["first_batch_s"] > 0 and r["peak_gib"] is None  # no GPU here
+        table1_batches = sum(-(-b["size"] // r["batch"]) for b in ev.BENCHES.values())
+        assert r["table1_min"] * 60 >= table1_batches * r["wall_s"] / -(-10 // r["batch"]) - 1e-9
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("|")]
+    assert lines[0].startswith("| path | batch | new tokens/s | wall s | first batch (compile) s | peak GPU GiB |")
+    assert len(lines) == 2 + len(rows) and all(l.count("|") == lines[0].count("|") for l in lines)
+    assert lines[2].split("|")[7].strip() == "1.0"  # speed relative to the first row
+    assert ev.main(["--speed-test", "--speed-shape", "tiny", "--speed-prompts", "3", "--speed-new-tokens", "2",
+                    "--speed-paths", "fast"])[0]["path"] == "fast"
+
+
+def test_speed_test_vllm_path_with_a_stand_in_module(monkeypatch):
+    """vLLM's documented offline API: LLM(model=folder, skip_tokenizer_init=True), SamplingParams(ignore_eos=True)."""
+    calls = {}
+
+    class LLM:
+        def __init__(self, **kw):
+            calls.update(init=kw, config=json.loads((Path(kw["model"]) / "config.json").read_text()))
+
+        def generate(self, prompts, params, use_tqdm=True):
+            calls.update(prompts=prompts, params=params)
+            return [types.SimpleNamespace(outputs=[types.SimpleNamespace(token_ids=[0] * params["max_tokens"])])
+                    for _ in prompts]
+    vllm = types.ModuleType("vllm")
+    vllm.LLM, vllm.SamplingParams = LLM, lambda **kw: kw
+    monkeypatch.setitem(sys.modules, "vllm", vllm)
+    rows = ev.main(["--speed-test", "--speed-shape", "tiny", "--speed-prompts", "5", "--speed-new-tokens", "3",
+                    "--speed-paths", "vllm,fast", "--batch-size", "2"])
+    assert [(r["path"], r["batch"]) for r in rows] == [("fast", 2), ("vllm", None)]  # vLLM last
+    assert calls["config"]["hidden_size"] == ev.SPEED_SHAPES["tiny"]["hidden_size"]  # the same student, saved
+    assert calls["init"]["skip_tokenizer_init"] is True and calls["init"]["max_model_len"] >= 300 + 3
+    assert calls["params"] == dict(temperature=0.0, max_tokens=3, ignore_eos=True)
+    assert len(calls["prompts"]) == 5 and 80 <= len(calls["prompts"][0]["prompt_token_ids"]) <= 300
+    assert rows[1]["tokens_per_s"] * rows[1]["wall_s"] == pytest.approx(5 * 3)
+    monkeypatch.setitem(sys.modules, "vllm", None)
+    with pytest.raises(ev.EvalError, match="pip install vllm"):
+        ev.main(["--speed-test", "--speed-shape", "tiny", "--speed-prompts", "2", "--speed-paths", "vllm"])
 
 
 def test_chat_template_is_used_when_there_is_one(random_student):
@@ -262,7 +399,8 @@ def test_vllm_path_with_a_stand_in_module(monkeypatch, tmp_path, random_student)
 
         def generate(self, prompts, params, use_tqdm=True, lora_request=None):
             calls.update(prompts=prompts, params=params, lora=lora_request)
-            return [types.SimpleNamespace(outputs=[types.SimpleNamespace(text=f"out{len(p['prompt_token_ids'])}")])
+            return [types.SimpleNamespace(outputs=[types.SimpleNamespace(text=f"out{len(p['prompt_token_ids'])}",
+                                                                         token_ids=p["prompt_token_ids"][::-1])])
                     for p in prompts]
     vllm = types.ModuleType("vllm")
     vllm.LLM, vllm.SamplingParams = LLM, lambda **kw: kw
@@ -274,7 +412,9 @@ def test_vllm_path_with_a_stand_in_module(monkeypatch, tmp_path, random_student)
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text(json.dumps({"r": 12}))  # vLLM wants 8, 16, 32, ...
     gen = ev.vllm_generator(str(path), str(adapter), tok, 33, seed=0)
-    assert gen([[1, 2, 3], [4]], "test") == ["out3", "out1"]
+    texts, stats = gen([[1, 2, 3], [4]], "test")
+    assert texts == ["out3", "out1"]
+    assert stats["new_tokens"] == 4 and stats["decode"] == "vllm"  # CompletionOutput.token_ids: the new tokens
     assert calls["prompts"] == [{"prompt_token_ids": [1, 2, 3]}, {"prompt_token_ids": [4]}]
     assert calls["params"]["temperature"] == 0.0 and calls["params"]["max_tokens"] == 33
     assert calls["params"]["repetition_penalty"] == 1.0 and tok.eos_token_id in calls["params"]["stop_token_ids"]
@@ -321,6 +461,11 @@ def test_end_to_end_tiny_student(trained):
                 assert isinstance(it["completion"], str)
                 assert it["extracted"] == ev.extract_answer(bench, it["completion"])
                 assert it["correct"] == ev.is_correct(bench, it["completion"], it["gold"])
+            # how it was generated: one eos at most per question, at most --max-new-tokens
+            assert (b["decode"], b["batch_size"], b["compiled"]) == ("fast", 4, False)
+            assert b["n"] <= b["new_tokens"] <= 8 * b["n"] and b["gen_seconds"] > 0
+            assert tokens_per_s_fits(b)
+    assert r.stderr.count("new tok/s") >= 12  # a progress bar per benchmark and row
     table = (trained / "eval" / "table.md").read_text(encoding="utf-8").splitlines()
     assert table[0] == "| Model | MATH500 | GSM8K | SVAMP | ID Avg | CSQA | StrategyQA | GPQA-D | OOD Avg |"
     rows = [l for l in table[2:] if l.startswith("| ")][:2]
@@ -334,3 +479,14 @@ def test_end_to_end_tiny_student(trained):
     assert again.returncode == 0 and again.stdout.count("reused") == 12
     other = run_eval(trained, "--seed", "1")
     assert other.returncode == 2 and "other settings" in other.stderr and "Traceback" not in other.stderr
+
+    # The decoding path of evaluate.py before issue 11 gives the same completions, with batches of other sizes.
+    plain = run_eval(trained, "--decode", "plain", "--batch-size", "3", "--out", str(trained / "eval-plain"))
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    for f in files:
+        fast_run, plain_run = (json.loads((d / f.name).read_text(encoding="utf-8"))
+                               for d in (f.parent, trained / "eval-plain"))
+        assert list(plain_run["benchmarks"]) == list(ev.BENCHES)
+        for bench, b in plain_run["benchmarks"].items():
+            completions = [[it["completion"] for it in r["benchmarks"][bench]["items"]] for r in (fast_run, plain_run)]
+            assert b["decode"] == "plain" and completions[0] == completions[1]
