@@ -30,6 +30,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from infra import (DataError, all_mean_grads, all_sum, build_tiny, epoch_batches, format_record, load_checkpoint,
+                   log_stats, make_record, peak_memory_gib, rank, record_subjects, save_checkpoint, setup_distributed)
 from prompts import PERSPECTIVE_KEYS, answer_suffix, plain_prompt, student_prompt
 
 K = len(PERSPECTIVE_KEYS)
@@ -91,6 +93,9 @@ class Config:
     log_every: int = opt(1, "optimizer steps between log lines")
     seed: int = opt(0, "random seed")
     resume: bool = opt(False, "continue from the latest checkpoint in --out")
+    variant: str = opt("mind", "mind, or an ablation of the paper: single:<perspective> (Table 1 'w/o fusion'), "
+                       "uniform (all 8 paths, alpha 1/8), no-inertia (Fig. 7a: alpha from the student's losses), "
+                       "no-synergy (Fig. 7b: MetaNet without self-attention), topk:<1-8> (Fig. 6)")
 
     def __post_init__(self):
         checks = {"beta": 0 <= self.beta <= 1, "tau": self.tau > 0, "tau_student": self.tau_student > 0,
@@ -102,6 +107,18 @@ class Config:
         bad = [f"--{k.rstrip('_').replace('_', '-')} {getattr(self, k)}" for k, ok in checks.items() if not ok]
         if bad:
             raise ValueError(f"out of range: {', '.join(bad)} (see --help)")
+        name, _, arg = self.variant.partition(":")
+        if name == "single" and arg not in PERSPECTIVE_KEYS:
+            raise ValueError(f"--variant {self.variant}: single:<perspective> takes one of {', '.join(PERSPECTIVE_KEYS)}")
+        if name == "topk" and arg not in [str(k) for k in range(1, K + 1)]:
+            raise ValueError(f"--variant {self.variant}: topk:<K> takes K = 1 to {K}")
+        if name not in ("single", "topk") and (arg or name not in ("mind", "uniform", "no-inertia", "no-synergy")):
+            raise ValueError(f"--variant {self.variant}: expected mind, single:<perspective>, uniform, no-inertia, "
+                             f"no-synergy or topk:<K>")
+
+    @property
+    def metanet_used(self) -> bool:  # the variants without MetaNet skip its warmup and Eq. 1
+        return not self.variant.startswith("single:") and self.variant not in ("uniform", "no-inertia")
 
 
 def parse_args(argv=None) -> Config:
@@ -118,16 +135,12 @@ def parse_args(argv=None) -> Config:
     try:
         return Config(**vars(p.parse_args(argv)))
     except ValueError as e:
-        p.error(str(e))
+        print(f"error: {e}", file=sys.stderr)  # one line, no usage text
+        sys.exit(2)
 
 
 # ----------------------------------------------------------------------------------------------------
 # 1. Data (Section 3.1): one JSON object per line, {"id", "problem", "answer", "rationales": {key: text}}.
-class DataError(ValueError):
-    """Bad input (the data, the output folder); the message names the file and, for data, the line
-    and the problem. The command line prints it alone and exits with status 2."""
-
-
 def load_data(path) -> list[dict]:
     rows, seen = [], {}
     with open(path, encoding="utf-8") as fh:
@@ -189,16 +202,17 @@ def embed(encoder, rows, cache: Path, encoder_id: str):
 # ----------------------------------------------------------------------------------------------------
 # 3. MetaNet, the "teaching assistant" (3.3.1): align -> synergy -> K score heads.
 class MetaNet(nn.Module):
-    def __init__(self, d_enc: int, d: int = 256, heads: int = 4, k: int = K):
+    def __init__(self, d_enc: int, d: int = 256, heads: int = 4, k: int = K, synergy: bool = True):
         super().__init__()
         self.align = nn.Sequential(nn.Linear(2 * d_enc, d), nn.GELU(), nn.Linear(d, d))  # MLP_align
-        self.attn = nn.MultiheadAttention(d, heads, batch_first=True)                    # SelfAttn
-        self.norm = nn.LayerNorm(d)
+        if synergy:  # --variant no-synergy (Fig. 7b) drops it: each head then scores its path alone
+            self.attn = nn.MultiheadAttention(d, heads, batch_first=True)                # SelfAttn
+            self.norm = nn.LayerNorm(d)
         self.heads = nn.ModuleList(nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, 1)) for _ in range(k))
 
     def forward(self, h_x, h_r):                                    # h_x (B, D), h_r (B, K, D)
         e = self.align(torch.cat([h_x[:, None].expand_as(h_r), h_r], -1))  # e_k = MLP([h_x; h_rk]) (B, K, d)
-        z = self.norm(e + self.attn(e, e, e, need_weights=False)[0])       # Z = SelfAttn(E)        (B, K, d)
+        z = self.norm(e + self.attn(e, e, e, need_weights=False)[0]) if hasattr(self, "attn") else e  # Z = SelfAttn(E)
         s = torch.cat([head(z[:, k]) for k, head in enumerate(self.heads)], -1)  # phi_k heads     (B, K)
         return torch.sigmoid(s)  # in (0, 1): the threshold beta * max(s) needs positive scores
 
@@ -223,6 +237,27 @@ def select_perspectives(scores, beta: float, tau_student: float):
     mask = scores >= beta * scores.max(-1, keepdim=True).values
     alpha = torch.softmax((scores / tau_student).masked_fill(~mask, float("-inf")), -1)
     return mask, alpha
+
+
+def variant_weights(variant: str, scores, l_real, beta: float, tau: float, tau_student: float):
+    """I_dyn and alpha (B, K) for the paper's ablations (--variant); MIND itself is select_perspectives.
+    scores: MetaNet's (None without MetaNet); l_real (B, K): the student's current losses."""
+    name, _, arg = variant.partition(":")
+    if name == "single":  # Table 1 "w/o fusion": one perspective, alpha = 1
+        mask = torch.zeros_like(l_real, dtype=torch.bool)
+        mask[:, PERSPECTIVE_KEYS.index(arg)] = True
+        return mask, mask.float()
+    if name == "uniform":  # every path, the same weight: multi-path distillation without capability awareness
+        return torch.ones_like(l_real, dtype=torch.bool), torch.full_like(l_real, 1 / K)
+    if name == "no-inertia":  # Fig. 7a: the instantaneous losses decide, s_k = exp(-L_real_k)
+        s = torch.exp(-l_real)
+        mask = s >= beta * s.max(-1, keepdim=True).values
+        return mask, torch.softmax((-l_real / tau).masked_fill(~mask, float("-inf")), -1)  # alpha ~ exp(-L/tau)
+    if name == "topk":  # Fig. 6: the K best scores instead of the beta threshold
+        s = scores.detach()
+        mask = torch.zeros_like(s, dtype=torch.bool).scatter(-1, s.topk(int(arg), -1).indices, True)
+        return mask, torch.softmax((s / tau_student).masked_fill(~mask, float("-inf")), -1)
+    return select_perspectives(scores, beta, tau_student)  # mind, no-synergy
 
 
 def sft_loss(alpha, path_losses):
@@ -304,30 +339,6 @@ def add_lora(model, cfg: Config, device):
     return peft_model
 
 
-def build_tiny(texts: list[str], seed: int, max_len: int = 1024):
-    """A 2-layer GPT-2 and a static-embedding Sentence-Transformer over one byte-level BPE tokenizer
-    trained on `texts`: the whole method runs offline, on a CPU, in seconds."""
-    from sentence_transformers import SentenceTransformer
-    try:
-        from sentence_transformers.sentence_transformer.modules import StaticEmbedding
-    except ImportError:  # sentence-transformers < 6
-        from sentence_transformers.models import StaticEmbedding
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=512, special_tokens=["<|endoftext|>"],
-                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
-    torch.manual_seed(seed)
-    eos = tok.eos_token_id
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=max_len, n_embd=64, n_layer=2,
-                                       n_head=4, bos_token_id=eos, eos_token_id=eos, pad_token_id=eos,
-                                       attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0))  # as Qwen/Llama: none
-    encoder = SentenceTransformer(modules=[StaticEmbedding(bpe, embedding_dim=32)], device="cpu")
-    return model, tok, encoder
-
-
 def tokenize_paths(tok, rows, max_len: int):
     """Token ids of every (problem, path): prompt | rationale | lead-in | answer | eos.
 
@@ -360,6 +371,8 @@ def tokenize_paths(tok, rows, max_len: int):
     return out, n_cut
 
 
+# ----------------------------------------------------------------------------------------------------
+# 6. The student on many paths: passes of bounded size, paths packed without padding.
 def plan_passes(lengths: list[int], budget: int, packed: bool) -> list[list[int]]:
     """Groups path indices into passes of at most `budget` tokens: real tokens when packed, padded ones
     (paths x longest) otherwise. First fit, longest first, so a pass's first path is its longest."""
@@ -451,104 +464,7 @@ def to_device(device, *tensors):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 6. Multi-GPU: torchrun sets RANK/WORLD_SIZE; without it this is one process, same code path.
-def rank():
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def setup_distributed(cfg: Config):
-    """(rank, world size, device). Under torchrun: NCCL between GPUs, one per process, or gloo on CPUs."""
-    cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    if cuda and not torch.cuda.is_available():
-        raise DataError("--device cuda: no GPU is visible")
-    if cfg.deterministic:  # cuBLAS repeats its matmuls only with this workspace setting, read at its start
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if cuda else "cpu")
-    local, n_local = int(os.environ["LOCAL_RANK"]), int(os.environ["LOCAL_WORLD_SIZE"])
-    if cuda and n_local > torch.cuda.device_count():
-        raise DataError(f"torchrun started {n_local} processes here but {torch.cuda.device_count()} GPU(s) are "
-                        f"visible: use --nproc_per_node {torch.cuda.device_count()}, or --device cpu")
-    dist.init_process_group("nccl" if cuda else "gloo")
-    if cuda:
-        torch.cuda.set_device(local)
-    return dist.get_rank(), dist.get_world_size(), torch.device("cuda", local) if cuda else torch.device("cpu")
-
-
-def all_mean_grads(params):
-    """Averages gradients over the processes before an optimizer step, as DDP would; by hand, because
-    DDP's hooks would fire on every backward pass, and micro_step makes several."""
-    if dist.is_initialized():
-        params = list(params)
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
-        dist.all_reduce(flat)
-        for p, g in zip(params, (flat / dist.get_world_size()).split([p.numel() for p in params])):
-            p.grad = g.view_as(p)
-
-
-def all_sum(t):
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    return t
-
-
-def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int, world: int):
-    """A seeded shuffle per epoch, padded so every rank gets the same number of batches."""
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 10_007 + epoch)).tolist()
-    order += order[: (-n) % world]
-    mine = order[rank::world]
-    return [mine[i: i + batch_size] for i in range(0, len(mine), batch_size)]
-
-
-# ----------------------------------------------------------------------------------------------------
-# 7. Checkpoints: LoRA adapter (save_pretrained), MetaNet, both optimizers, progress, RNG states and the
-# MetaNet gradients accumulated so far on each rank, so that --resume continues exactly.
-def save_checkpoint(out: Path, step, epoch, micro, peft_model, metanet, opt, meta_opt, world):
-    tmp, final = out / "checkpoint.tmp", out / f"checkpoint-{step:06d}"
-    if rank() == 0:
-        tmp.mkdir(parents=True, exist_ok=True)
-        peft_model.save_pretrained(tmp / "adapter")
-        torch.save({"step": step, "epoch": epoch, "micro": micro, "world": world, "metanet": metanet.state_dict(),
-                    "opt": opt.state_dict(), "meta_opt": meta_opt.state_dict()}, tmp / "state.pt")
-    barrier()
-    torch.save({"cpu_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.empty(0),
-                "meta_grads": [p.grad if p.grad is not None else torch.zeros_like(p) for p in metanet.parameters()]},
-               tmp / f"rank{rank()}.pt")
-    barrier()
-    if rank() == 0:
-        os.replace(tmp, final)  # atomic: a checkpoint folder exists only when complete
-    barrier()
-    return final
-
-
-def load_checkpoint(path: Path, peft_model, metanet, opt, meta_opt, world):
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-    state = torch.load(path / "state.pt", weights_only=True)
-    if state["world"] != world:
-        raise DataError(f"{path}: saved by {state['world']} process(es), resumed with {world}; use the same number")
-    set_peft_model_state_dict(peft_model, load_file(path / "adapter" / "adapter_model.safetensors"))
-    metanet.load_state_dict(state["metanet"])
-    opt.load_state_dict(state["opt"])
-    meta_opt.load_state_dict(state["meta_opt"])
-    mine = torch.load(path / f"rank{rank()}.pt", weights_only=True)
-    for p, g in zip(metanet.parameters(), mine["meta_grads"]):
-        p.grad = g.to(p.device).clone()
-    torch.set_rng_state(mine["cpu_rng"])
-    if torch.cuda.is_available() and mine["cuda_rng"].numel():
-        torch.cuda.set_rng_state(mine["cuda_rng"])
-    return state["step"], state["epoch"], state["micro"]
-
-
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
-# ----------------------------------------------------------------------------------------------------
-# 8. Training: warmup (MetaNet only), then calibration + student together (3.3.2, 3.4).
+# 7. Training: warmup (MetaNet only), then calibration + student together (3.3.2, 3.4).
 def micro_step(cfg: Config, problems, h_x, h_r, metanet, body, head, warmup: bool, device, scale: float = 1.0):
     """One micro-batch. problems: B lists of K paths (tokenize_paths); h_x (B, D), h_r (B, K, D); body and
     head: the student without its LM head, and the head. Returns L_meta (Eq. 1) for the caller's
@@ -558,7 +474,7 @@ def micro_step(cfg: Config, problems, h_x, h_r, metanet, body, head, warmup: boo
     Eq. 2 is a sum over paths, so each path's part can be backpropagated alone. Eq. 3 couples the
     selected paths of a problem through their answer log-probs l_k, and only through them, so by the
     chain rule its gradient is sum_k <g_k, dl_k/dtheta> with g_k = dL_cons/dl_k. Hence:
-      pass 1, no gradients: every path's L_real (Eq. 1 needs all K) and the selected paths' l_k;
+      pass 1, no gradients: every path's L_real (Eq. 1 needs all K) and l_k; then I_dyn and alpha;
       g_k: autograd through Eq. 3 on detached copies of the l_k, a (B, K, A, V) tensor, cheap;
       pass 2, the selected paths again, a few at a time, each backpropagating
           alpha_k * L_CE_k / B + lambda * <g_k, l_k>,
@@ -567,30 +483,29 @@ def micro_step(cfg: Config, problems, h_x, h_r, metanet, body, head, warmup: boo
     over the selected paths."""
     B, A = len(problems), max(p[0][3] for p in problems)
     paths = [p for pp in problems for p in pp]                                     # path b * K + k
-    scores = metanet(h_x.to(device), h_r.to(device))                               # s (B, K)
-    if warmup:  # the frozen initial student: all K losses, for Eq. 1 only
-        mask, alpha = torch.ones(B, K, dtype=torch.bool, device=device), torch.zeros(B, K, device=device)
-    else:
-        mask, alpha = select_perspectives(scores, cfg.beta, cfg.tau_student)       # I_dyn, alpha (B, K)
-    sel = mask.flatten().nonzero().flatten().tolist()
-    answers = set() if warmup or cfg.lambda_ == 0 else set(sel)
+    scores = metanet(h_x.to(device), h_r.to(device)) if cfg.metanet_used else None  # s (B, K)
+    answers = not warmup and cfg.lambda_ > 0  # of every path: no-inertia picks I_dyn after this pass
     l_real, answer_lp = torch.zeros(B * K, device=device), None
     body.eval()  # pass 1: no dropout, no gradients, nothing kept
     with torch.no_grad(), autocast(device):
         for idx in plan_passes([len(p[0]) for p in paths], cfg.max_tokens_per_pass, cfg.packing):
-            keep = [n for n, i in enumerate(idx) if i in answers]
-            loss, ans = run_pass(body, head, [paths[i] for i in idx], cfg.loss_chunk, bool(keep), cfg.packing, device)
-            at, rows, keep = to_device(device, torch.tensor(idx), torch.tensor([idx[n] for n in keep]), torch.tensor(keep))
+            loss, ans = run_pass(body, head, [paths[i] for i in idx], cfg.loss_chunk, answers, cfg.packing, device)
+            at, = to_device(device, torch.tensor(idx))
             l_real[at] = loss.float()
-            if len(keep):
+            if answers:
                 answer_lp = ans.new_zeros(B * K, A, ans.shape[-1]) if answer_lp is None else answer_lp
-                answer_lp[rows, : ans.shape[1]] = ans[keep]
+                answer_lp[at, : ans.shape[1]] = ans
     l_real = l_real.view(B, K)
-    l_meta = metanet_loss(scores, l_real, cfg.tau)                                 # Eq. 1
-    info = {"scores": scores.detach(), "mask": mask, "alpha": alpha, "l_real": l_real,
-            "tokens": sum(len(p[0]) for p in paths)}  # real tokens, counted without a GPU sync
+    l_meta = metanet_loss(scores, l_real, cfg.tau) if scores is not None else None  # Eq. 1
+    if warmup:  # the frozen initial student: all K losses, for Eq. 1 only
+        mask, alpha = torch.ones(B, K, dtype=torch.bool, device=device), torch.zeros(B, K, device=device)
+    else:  # I_dyn, alpha (B, K)
+        mask, alpha = variant_weights(cfg.variant, scores, l_real, cfg.beta, cfg.tau, cfg.tau_student)
+    info = {"scores": scores.detach() if scores is not None else None, "mask": mask, "alpha": alpha,
+            "l_real": l_real, "tokens": sum(len(p[0]) for p in paths)}  # real tokens, counted without a GPU sync
     if warmup:
         return l_meta, info
+    sel = mask.flatten().nonzero().flatten().tolist()
     l_sft, l_cons, g = sft_loss(alpha, l_real), torch.zeros((), device=device), None     # Eq. 2
     if answer_lp is not None:
         answer_lp = answer_lp.view(B, K, A, -1).requires_grad_()
@@ -646,23 +561,26 @@ def main(cfg: Config) -> dict:
     if n_cut:
         log(f"warning: {n_cut} of {len(rows) * K} rationales exceed --max-len {cfg.max_len} and were cut")
 
-    metanet = MetaNet(h_x.shape[-1], cfg.meta_dim, cfg.meta_heads).to(device)
+    metanet = MetaNet(h_x.shape[-1], cfg.meta_dim, cfg.meta_heads, synergy=cfg.variant != "no-synergy").to(device)
     lora_params = [p for p in peft_model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(lora_params, lr=lr, weight_decay=0.0)
     meta_opt = torch.optim.AdamW(metanet.parameters(), lr=cfg.meta_lr_warmup, weight_decay=0.0)
     step, start_epoch, start_micro = 0, 0, 0
     if cfg.resume and ckpts:
-        step, start_epoch, start_micro = load_checkpoint(ckpts[-1], peft_model, metanet, opt, meta_opt, world)
+        step, start_epoch, start_micro = load_checkpoint(ckpts[-1], peft_model, metanet, opt, meta_opt, world, cfg.variant)
         log(f"resumed from {ckpts[-1]} (step {step}, epoch {start_epoch}, micro-batch {start_micro})")
     for p in [*lora_params, *metanet.parameters()] if world > 1 else []:  # one start for all processes
         dist.broadcast(p.data, 0)
     body, head = peft_model.get_base_model().base_model, peft_model.get_base_model().get_output_embeddings()
 
-    n_epochs = cfg.warmup_epochs + epochs
+    warmup_epochs = cfg.warmup_epochs if cfg.metanet_used else 0  # the warmup trains MetaNet only
+    n_epochs = warmup_epochs + epochs
+    subjects = sorted({r["subject"] for r in rows}) if all("subject" in r for r in rows) else []
+    subject_of = torch.tensor([subjects.index(r["subject"]) for r in rows] if subjects else [0] * len(rows))
     n_micro = len(epoch_batches(len(rows), cfg.batch_size, cfg.seed, 0, rnk, world))
     total = n_epochs * math.ceil(n_micro / cfg.grad_accum)
     total = min(total, cfg.max_steps) if cfg.max_steps else total
-    log(f"student: {cfg.student} ({n_params / 1e6:,.1f}M), lr {lr:g}, {cfg.warmup_epochs} warmup + {epochs} epochs, "
+    log(f"student: {cfg.student} ({n_params / 1e6:,.1f}M), lr {lr:g}, {warmup_epochs} warmup + {epochs} epochs, "
         f"{total} optimizer steps, {world} process(es) on {device}")
     stop = {"asked": False}  # Ctrl-C (or SIGTERM) stops at the next optimizer step, with a checkpoint
 
@@ -674,10 +592,11 @@ def main(cfg: Config) -> dict:
     metrics = open(out / "metrics.jsonl", "a") if rnk == 0 else None
     from tqdm.auto import tqdm
     bar = tqdm(total=total, initial=step, disable=rnk != 0, dynamic_ncols=True)
-    stats, t0, record, ckpt = torch.zeros(6 + 2 * K, device=device), time.time(), {}, None
+    stats, t0, record, ckpt = torch.zeros(6 + 3 * K, device=device), time.time(), {}, None
+    by_subject = torch.zeros(max(len(subjects), 1), K + 1, device=device)  # alpha sums and counts, this epoch
     try:
         for epoch in range(start_epoch, n_epochs):
-            warmup = epoch < cfg.warmup_epochs
+            warmup = epoch < warmup_epochs
             meta_accum = cfg.grad_accum if warmup else cfg.meta_grad_accum
             if not warmup:  # calibration: lower LR and more accumulation than the student (the hysteresis)
                 for g in meta_opt.param_groups:
@@ -691,12 +610,15 @@ def main(cfg: Config) -> dict:
                 idx = batches[i]
                 l_meta, info = micro_step(cfg, [paths[b] for b in idx], h_x[idx], h_r[idx], metanet, body, head,
                                           warmup, device, scale=1 / n_acc)  # Eq. 4's gradient: done inside
-                (l_meta / n_meta).backward()
-                if meta_now:
+                if l_meta is not None:
+                    (l_meta / n_meta).backward()
+                if meta_now and cfg.metanet_used:
                     all_mean_grads(metanet.parameters())
                     meta_opt.step()
                     meta_opt.zero_grad(set_to_none=True)
                 stats += log_stats(l_meta, info, len(idx), device)
+                counted = torch.cat([info["alpha"], torch.ones(len(idx), 1, device=device)], 1)  # (B, K + 1)
+                by_subject.index_add_(0, subject_of[idx].to(device), counted)
                 if not step_now:
                     continue
                 if not warmup:
@@ -709,17 +631,21 @@ def main(cfg: Config) -> dict:
                 if step % cfg.log_every == 0 or last:
                     record = make_record(all_sum(stats.clone()).tolist(), step, epoch + (i + 1) / len(batches),
                                          warmup, lr, meta_opt.param_groups[0]["lr"], time.time() - t0,
-                                         peak_memory_gib(device))
+                                         peak_memory_gib(device), cfg.variant, cfg.metanet_used)
                     if rnk == 0:
                         metrics.write(json.dumps(record) + "\n")
                         metrics.flush()
                         bar.write(format_record(record, total))
                     stats.zero_()
                     t0 = time.time()
+                if last and not warmup and subjects:  # mean alpha per (subject, perspective) this epoch: Sec. 5
+                    record_subjects(metrics, all_sum(by_subject), subjects, epoch + 1, cfg.variant)
+                if last:
+                    by_subject.zero_()
                 halt = step == cfg.max_steps or bool(all_sum(torch.tensor([float(stop["asked"])], device=device)))
                 if last or halt:  # a checkpoint at every epoch end, and wherever we stop early
                     ckpt = save_checkpoint(out, step, *((epoch + 1, 0) if last else (epoch, i + 1)),
-                                           peft_model, metanet, opt, meta_opt, world)
+                                           peft_model, metanet, opt, meta_opt, world, cfg.variant)
                 if halt:
                     break
             else:
@@ -742,44 +668,6 @@ def main(cfg: Config) -> dict:
         dist.destroy_process_group()
     return {"out": str(out), "step": step, "checkpoint": str(ckpt) if ckpt else None, "metrics": record,
             "lr": lr, "epochs": epochs}
-
-
-# ----------------------------------------------------------------------------------------------------
-# 9. Logging: one line per interval on the progress bar, every value in metrics.jsonl.
-def log_stats(l_meta, info, B: int, device):
-    """Sums over the micro-batch of: L_SFT, L_cons, L_meta (x B), |I_dyn|, problems, tokens, alpha_k, s_k."""
-    head = [info.get("sft", torch.tensor(0.0)).item() * B, info.get("cons", torch.tensor(0.0)).item() * B,
-            l_meta.item() * B, info["mask"].sum().item(), B, info["tokens"]]
-    return torch.cat([torch.tensor(head), info["alpha"].float().cpu().sum(0), info["scores"].float().cpu().sum(0)]).to(device)
-
-
-def peak_memory_gib(device):
-    """The peak GPU memory since the last call, the largest over the processes; None on the CPU."""
-    if device.type != "cuda":
-        return None
-    peak = torch.tensor([torch.cuda.max_memory_allocated(device) / 2**30], device=device)
-    torch.cuda.reset_peak_memory_stats(device)
-    if dist.is_initialized():
-        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-    return round(peak.item(), 2)
-
-
-def make_record(s, step, epoch, warmup, lr, meta_lr, seconds, peak_gib) -> dict:
-    n = s[4]
-    r = {"step": step, "epoch": round(epoch, 3), "stage": "warmup" if warmup else "joint",
-         "loss_sft": None if warmup else s[0] / n, "loss_cons": None if warmup else s[1] / n, "loss_meta": s[2] / n,
-         "n_selected": s[3] / n, "tokens_per_s": s[5] / seconds, "lr": 0.0 if warmup else lr, "meta_lr": meta_lr,
-         "peak_mem_gib": peak_gib}
-    r |= {f"alpha/{k}": s[6 + j] / n for j, k in enumerate(PERSPECTIVE_KEYS)}
-    return r | {f"score/{k}": s[6 + K + j] / n for j, k in enumerate(PERSPECTIVE_KEYS)}
-
-
-def format_record(r: dict, total: int) -> str:
-    parts = [f"step {r['step']}/{total}", f"ep {r['epoch']:.2f}", r["stage"]]
-    parts += [f"{name} {r[key]:.4f}" for name, key in (("L_sft", "loss_sft"), ("L_cons", "loss_cons"),
-                                                      ("L_meta", "loss_meta")) if r[key] is not None]
-    parts += [f"|I| {r['n_selected']:.2f}", f"{r['tokens_per_s']:,.0f} tok/s"]
-    return " | ".join(parts + ([] if r["peak_mem_gib"] is None else [f"{r['peak_mem_gib']:.1f} GiB"]))
 
 
 if __name__ == "__main__":

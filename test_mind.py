@@ -448,7 +448,11 @@ def final_state(out):
 def test_end_to_end_and_reload(tmp_path, small_data):
     res = mind.main(tiny_cfg(tmp_path, small_data, epochs=2))
     recs = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+    assert [r["kind"] for r in recs] == ["step"] * 4 + ["subjects"] + ["step"] * 2 + ["subjects"]  # after each joint epoch
+    recs = [r for r in recs if r["kind"] == "step"]
     assert [r["stage"] for r in recs] == ["warmup"] * 2 + ["joint"] * 4 and res["step"] == 6
+    assert all(r["peak_mem_gib"] is None for r in recs)  # on the CPU; the GPU's peak per interval otherwise
+    assert "| 12.3 GiB" in mind.format_record({**recs[-1], "peak_mem_gib": 12.34}, 6)
     joint = [r for r in recs if r["stage"] == "joint"]
     for r in joint:
         assert all(math.isfinite(r[k]) for k in ("loss_sft", "loss_cons", "loss_meta"))
@@ -482,7 +486,7 @@ def test_resume_matches_uninterrupted_run(tmp_path, small_data):
         assert torch.allclose(a_full[name], a_cut[name], atol=1e-6), name
     for name in m_full:
         assert torch.allclose(m_full[name], m_cut[name], atol=1e-6), name
-    steps = [json.loads(l)["step"] for l in open(tmp_path / "cut" / "metrics.jsonl")]
+    steps = [r["step"] for r in map(json.loads, open(tmp_path / "cut" / "metrics.jsonl")) if r["kind"] == "step"]
     assert steps == list(range(1, 7))
 
 
@@ -506,7 +510,7 @@ def test_torchrun_two_processes_match_one(tmp_path, small_data):
         assert torch.allclose(a1[name], a2[name], atol=1e-4), name
     for name in m1:
         assert torch.allclose(m1[name], m2[name], atol=1e-4), name
-    recs = [json.loads(l) for l in open(tmp_path / "two" / "metrics.jsonl")]
+    recs = [r for r in map(json.loads, open(tmp_path / "two" / "metrics.jsonl")) if r["kind"] == "step"]
     assert len(recs) == 4 and all(math.isfinite(r["loss_meta"]) for r in recs)
 
 
@@ -542,6 +546,113 @@ def test_metanet_learns_to_rank_learnable_paths_higher(tmp_path):
     noise = [last[f"score/{k}"] for k in PERSPECTIVE_KEYS if k not in learnable]
     assert min(good) > max(noise), last
     assert sum(last[f"alpha/{k}"] for k in learnable) > 0.9  # the student now learns mostly from them
+
+
+# ---------------------------------------------------------------- the paper's variants (--variant)
+VARIANTS = ["single:analogy", "uniform", "topk:2", "no-synergy", "no-inertia"]
+
+
+@pytest.fixture(scope="module")
+def variant_runs(tmp_path_factory, small_data):
+    """One tiny run per variant: 1 warmup epoch where MetaNet is used, then 1 joint epoch of 2 steps."""
+    out = {}
+    for v in VARIANTS:
+        path = tmp_path_factory.mktemp(v.replace(":", "-"))
+        mind.main(tiny_cfg(path, small_data, variant=v, beta=0.5))
+        out[v] = (path, [json.loads(line) for line in open(path / "metrics.jsonl")])
+    return out
+
+
+def joint_steps(records):
+    return [r for r in records if r.get("kind") == "step" and r["stage"] == "joint"]
+
+
+def test_single_perspective_variant_learns_from_that_path_alone(variant_runs):
+    _, recs = variant_runs["single:analogy"]
+    assert [r["stage"] for r in recs if r["kind"] == "step"] == ["joint"] * 2  # no MetaNet, so no warmup
+    for r in joint_steps(recs):
+        assert r["variant"] == "single:analogy" and r["n_selected"] == 1 and r["alpha/analogy"] == 1.0
+        assert r["loss_cons"] == 0 and r["loss_meta"] is None and r["score/analogy"] is None
+        assert r["loss_sft"] == pytest.approx(r["loss_real/analogy"], abs=1e-5)  # Eq. 2 is that path's CE
+
+
+def test_uniform_variant_weighs_all_paths_equally(variant_runs):
+    for r in joint_steps(variant_runs["uniform"][1]):
+        assert r["n_selected"] == K and all(r[f"alpha/{k}"] == pytest.approx(1 / K) for k in PERSPECTIVE_KEYS)
+        assert r["loss_sft"] == pytest.approx(sum(r[f"loss_real/{k}"] for k in PERSPECTIVE_KEYS) / K, abs=1e-5)
+
+
+def test_topk_variant_keeps_k_paths_at_every_step(variant_runs):
+    recs = variant_runs["topk:2"][1]
+    assert [r["stage"] for r in recs if r["kind"] == "step"] == ["warmup"] * 2 + ["joint"] * 2
+    assert all(r["n_selected"] == 2 for r in joint_steps(recs))
+
+
+def test_no_synergy_metanet_has_no_attention(variant_runs):
+    meta = torch.load(variant_runs["no-synergy"][0] / "metanet.pt", weights_only=True)
+    assert meta and not any("attn" in name or "norm" in name for name in meta)
+    full = mind.MetaNet(32).state_dict()
+    assert any("attn" in name for name in full) and set(meta) < set(full)
+
+
+def test_no_inertia_alpha_is_a_softmax_of_the_current_losses(tiny):
+    h_x, h_r, metanet = step_inputs(4)
+    cfg = mind.Config(student="tiny", variant="no-inertia", beta=0.995, tau=0.5, max_len=16)
+    l_meta, info, _ = step_grads(tiny, tiny["short"][:3], cfg, h_x, h_r, metanet)
+    assert l_meta is None and info["scores"] is None
+    L = info["l_real"].tolist()
+    for b, row in enumerate(L):
+        s = [math.exp(-x) for x in row]
+        sel = [k for k in range(K) if s[k] >= 0.995 * max(s)]  # I_dyn by the beta rule on exp(-L_real)
+        assert info["mask"][b].nonzero().flatten().tolist() == sel and 1 <= len(sel) < K
+        want = softmax([-row[k] / 0.5 for k in sel])
+        assert info["alpha"][b, sel].tolist() == pytest.approx(want, abs=1e-6)
+        assert info["alpha"][b].sum().item() == pytest.approx(1.0)
+    assert info["mask"].sum() > len(L)  # some problem keeps two or more paths: the softmax is tested
+
+
+def test_variant_mind_is_the_default_run(tmp_path, small_data):
+    assert mind.parse_args([]) == mind.parse_args(["--variant", "mind"])
+    a = mind.main(tiny_cfg(tmp_path / "a", small_data, max_steps=3))
+    b = mind.main(tiny_cfg(tmp_path / "b", small_data, max_steps=3, variant="mind"))
+    assert a["metrics"] == {**b["metrics"], "tokens_per_s": a["metrics"]["tokens_per_s"]} and a["metrics"]["variant"] == "mind"
+    (a1, m1), (a2, m2) = final_state(tmp_path / "a"), final_state(tmp_path / "b")
+    assert all(torch.equal(a1[n], a2[n]) for n in a1) and all(torch.equal(m1[n], m2[n]) for n in m1)
+    with pytest.raises(mind.DataError, match="a --variant mind run, resumed as --variant uniform"):
+        mind.main(tiny_cfg(tmp_path / "a", small_data, resume=True, variant="uniform"))
+
+
+@pytest.mark.parametrize("bad,says", [("single:poetic", "single:<perspective> takes one of symbolic"),
+                                      ("topk:9", "topk:<K> takes K = 1 to 8"), ("topk:0", "K = 1 to 8"),
+                                      ("fancy", "expected mind, single:<perspective>"), ("uniform:3", "expected mind")])
+def test_bad_variant_is_one_line(bad, says):
+    r = subprocess.run([sys.executable, str(HERE / "mind.py"), "--variant", bad], capture_output=True, text=True, timeout=300)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: --variant {bad}: ") and says in lines[0]
+
+
+def test_subject_records_hold_the_epoch_mean_alpha(variant_runs, small_data):
+    path, recs = variant_runs["no-inertia"]
+    subj = [r for r in recs if r["kind"] == "subjects"]
+    rows = mind.load_data(small_data)
+    assert len(subj) == 1 and subj[0]["epoch"] == 1 and subj[0]["variant"] == "no-inertia"
+    assert subj[0]["count"] == {s: sum(r["subject"] == s for r in rows) for s in {r["subject"] for r in rows}}
+    for s, alpha in subj[0]["alpha"].items():
+        assert sum(alpha.values()) == pytest.approx(1.0, abs=1e-5)  # a mean of distributions over perspectives
+    joint = joint_steps(recs)  # the same alphas, averaged by step records: both weigh every problem once
+    for k in PERSPECTIVE_KEYS:
+        by_subject = sum(subj[0]["alpha"][s][k] * n for s, n in subj[0]["count"].items()) / len(rows)
+        assert by_subject == pytest.approx(sum(r[f"alpha/{k}"] for r in joint) / len(joint), abs=1e-5)
+
+
+def test_plot_draws_every_figure_from_two_variants(variant_runs, tmp_path):
+    import plot
+    written = plot.main([str(variant_runs["topk:2"][0]), str(variant_runs["no-inertia"][0]), "--out", str(tmp_path)])
+    names = {Path(p).name for p in written}
+    assert {"loss.png", "n_selected.png", "meta_loss-topk_2.png", "alpha-topk_2.png", "alpha-no-inertia.png",
+            "subjects-topk_2.png", "subjects-no-inertia.png", "loss_real-no-inertia.png"} <= names
+    for p in written:
+        assert Path(p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and Path(p).stat().st_size > 5000
 
 
 # ---------------------------------------------------------------- docs stay true
