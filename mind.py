@@ -327,8 +327,9 @@ def add_lora(model, cfg: Config, device):
         from transformers import AttentionInterface
         AttentionInterface.register(PACKED, packed_attention)
         model.set_attn_implementation(PACKED)  # a model that cannot take it warns and keeps its own
-        if model.config._attn_implementation != PACKED:
-            raise DataError(f"{model.name_or_path}: its attention cannot take packed paths; use --no-packing")
+        if model.config._attn_implementation != PACKED:  # it still trains, in padded passes
+            print(f"warning: {model.name_or_path or 'the student'} cannot take packed paths: padded passes instead")
+            cfg.packing = False
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules="all-linear", task_type="CAUSAL_LM",   # all-linear excludes the LM head
                       fan_in_fan_out=model.config.model_type == "gpt2")   # GPT-2 stores its linears transposed

@@ -215,6 +215,20 @@ def test_plan_passes(lengths, budget, packed, want):
     assert mind.plan_passes(lengths, budget, packed) == want
 
 
+def test_a_student_that_cannot_pack_trains_in_padded_passes(tiny, monkeypatch, capsys):
+    rows = tiny["rows"][:2]
+    model, _, _ = mind.build_tiny([r["problem"] for r in rows] + [t for r in rows for t in r["rationales"].values()], 0)
+    monkeypatch.setattr(type(model), "_can_set_attn_implementation", classmethod(lambda cls: False))
+    cfg = mind.Config(student="tiny", max_len=16)
+    peft_model = mind.add_lora(model, cfg, torch.device("cpu"))
+    assert cfg.packing is False and "padded passes instead" in capsys.readouterr().out
+    assert peft_model.config._attn_implementation != mind.PACKED
+    h_x, h_r, metanet = step_inputs(5, B=1)
+    body, head = peft_model.get_base_model().base_model, peft_model.get_base_model().get_output_embeddings()
+    l_meta, info = mind.micro_step(cfg, tiny["short"][:1], h_x, h_r, metanet, body, head, False, torch.device("cpu"))
+    assert math.isfinite(info["student"].item()) and any(p.grad is not None for p in peft_model.parameters())
+
+
 def step_grads(tiny, problems, cfg, h_x, h_r, metanet):
     """(L_meta, info, LoRA gradients) of one micro_step from zero gradients."""
     tiny["model"].zero_grad(set_to_none=True)
