@@ -296,6 +296,15 @@ def pooled_states(trunk, seqs: list[list[int]], spans: list[tuple[int, int]], ba
 
 # ----------------------------------------------------------------------------------------------------
 # 4. The three subcommands. Each returns what it writes to OUT/latent.json.
+def _fit_points(X, problem, args):
+    """--center-problems (each problem's mean removed), then the projection fitted on these points:
+    (the points it was fitted on, the projection, the projected points)."""
+    if args.center_problems:
+        X = center_groups(X, problem)
+    proj = fit_projection(X, args.dim)
+    return X, proj, project(X, proj)
+
+
 def _labels(rows, per_row_k):
     """Problem, subject labels for points laid out problem-major (problem n, then its per_row_k points)."""
     subjects = [r.get("subject") or "unknown" for r in rows]
@@ -341,10 +350,7 @@ def cmd_rationales(args) -> dict:
     _, h_r = mind.embed(encoder, rows, cache, f"{args.encoder}:{args.seed}")  # mind.py's key: same cache file
     X = h_r.reshape(len(rows) * K, -1).double().numpy()                        # point n * K + k   (N*K, D)
     problem, subject, subjects = _labels(rows, K)
-    if args.center_problems:
-        X = center_groups(X, problem)
-    proj = fit_projection(X, args.dim)
-    Z = project(X, proj)
+    X, proj, Z = _fit_points(X, problem, args)
     perspective = np.tile(np.arange(K), len(rows))
     labels = {"perspective": (perspective, list(PERSPECTIVE_KEYS)), "subject": (subject, subjects),
               "problem": (problem, [r["id"] for r in rows])}
@@ -408,10 +414,7 @@ def cmd_specialists(args) -> dict:
     S = len(specs)
     X = H.reshape(len(rows) * S, -1).double().numpy()                             # point n * S + i
     problem, subject, subjects = _labels(rows, S)
-    if args.center_problems:
-        X = center_groups(X, problem)
-    proj = fit_projection(X, args.dim)
-    Z = project(X, proj)
+    X, proj, Z = _fit_points(X, problem, args)
     specialist = np.tile(np.arange(S), len(rows))
     names = [f"{i}:{key}" for i, (key, _) in enumerate(specs)]
     labels = {"specialist": (specialist, names), "subject": (subject, subjects), "problem": (problem, [r["id"] for r in rows])}
