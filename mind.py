@@ -14,11 +14,14 @@ Where we go beyond or against the letter of the paper (every value it leaves ope
      read at the same answer token ids on every path; JSD is averaged over those answer tokens.
   4. MetaNet gets a residual connection and LayerNorm around its self-attention (standard practice).
   5. The paper gives no schedule: learning rates are constant, gradients clipped at 1.0.
+Engineering that changes no number: the student runs in passes of bounded size with paths packed
+back to back, and Eq. 4's gradient is assembled pass by pass, exactly (micro_step explains how).
 
 Usage:
   python mind.py --student tiny                                     # offline CPU demo, about a minute
   python mind.py --student Qwen/Qwen2.5-1.5B                        # one GPU, Table 8 settings
   torchrun --nproc_per_node 2 mind.py --student Qwen/Qwen2.5-1.5B   # two GPUs, as in the paper
+  python mind.py --student Qwen/Qwen2.5-1.5B --variant no-inertia   # an ablation of the paper (README)
 """
 import argparse, dataclasses, hashlib, itertools, json, math, os, signal, sys, time
 from dataclasses import dataclass, field
