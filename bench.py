@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-import mind
+import fast, mind
 
 SHAPES = {  # from the published configs of Qwen2.5-1.5B and Qwen2.5-7B
     "1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
@@ -90,7 +90,7 @@ def make_problems(B: int, max_len: int, vocab: int, seed: int):
             n = int(torch.empty(1).log_normal_(0, 0.5, generator=g) * 0.4 * max_len)
             n = max(16, min(n, max_len - len(prompt) - len(answer) - 4))
             seq = prompt + torch.randint(5, vocab, (n,), generator=g).tolist() + [3, 4] + answer + [2]
-            paths.append((seq, len(prompt), len(seq) - 1 - len(answer), len(answer)))
+            paths.append(mind.TokenPath(seq, len(prompt), len(seq) - 1 - len(answer), len(answer)))
         problems.append(paths)
     return problems
 
@@ -168,7 +168,7 @@ def run_case(shape, max_len, method, beta, args, device, dtype, peak):
     h_x, h_r = torch.randn(args.batch, 384, device=device), torch.randn(args.batch, mind.K, 384, device=device)
     def step():
         if method == "naive":
-            with mind.autocast(device):
+            with fast.autocast(device):
                 l_meta, l_student, info = naive_step(cfg, problems, h_x, h_r, metanet, model, device)
             (l_meta + l_student).backward()
         else:  # the student's backward passes happen inside micro_step

@@ -3,7 +3,7 @@
 Bad input, the tiny offline student, several processes (torchrun), checkpoints that resume exactly,
 and the log lines. None of it is in the paper; each piece is ordinary PyTorch and can be read alone.
 """
-import json, os
+import argparse, dataclasses, json, os, signal, sys, time
 from pathlib import Path
 
 import torch
@@ -17,6 +17,52 @@ K = len(PERSPECTIVE_KEYS)
 class DataError(ValueError):
     """Bad input (the data, the output folder); the message names the file and, for data, the line
     and the problem. The command line prints it alone and exits with status 2."""
+
+
+def read_jsonl(path):
+    """(line number, object) for each non-blank line of a JSON-lines file; a line that is not
+    UTF-8 or not JSON is a DataError naming file:line."""
+    with open(path, "rb") as fh:
+        for n, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{n}: not UTF-8 (byte 0x{raw[e.start]:02x} at column "
+                                f"{e.start + 1})") from None
+            if not line.strip():
+                continue
+            try:
+                yield n, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{n}: not valid JSON ({e.msg}, column {e.colno})") from None
+
+
+# ----------------------------------------------------------------------------------------------------
+# The command line: one flag per field of a dataclass, grouped, each help saying where it comes from.
+def flag_name(field_name: str) -> str:
+    return field_name.rstrip("_").replace("_", "-")  # lambda_ -> lambda
+
+
+def parse_config(cls, groups: dict, argv, description: str):
+    """An instance of the dataclass `cls` from the command line; a ValueError from its checks is
+    one line on stderr and exit status 2."""
+    p = argparse.ArgumentParser(description=description,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sections = {name: p.add_argument_group(title) for name, title in groups.items()}
+    for f in dataclasses.fields(cls):
+        g, flag = sections[f.metadata["group"]], "--" + flag_name(f.name)
+        typ = next(t for t in getattr(f.type, "__args__", (f.type,)) if t is not type(None))
+        if typ is bool:
+            g.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                           default=f.default, help=f.metadata["help"])
+        else:
+            g.add_argument(flag, dest=f.name, type=typ, default=f.default,
+                           help=f.metadata["help"], metavar=flag_name(f.name).upper())
+    try:
+        return cls(**vars(p.parse_args(argv)))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)  # one line, no usage text
+        sys.exit(2)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -69,17 +115,6 @@ def setup_distributed(cfg):
     if cuda:
         torch.cuda.set_device(local)
     return dist.get_rank(), dist.get_world_size(), torch.device("cuda", local) if cuda else torch.device("cpu")
-
-
-def all_mean_grads(params):
-    """Averages gradients over the processes before an optimizer step, as DDP would; by hand, because
-    DDP's hooks would fire on every backward pass, and micro_step makes several."""
-    if dist.is_initialized():
-        params = list(params)
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
-        dist.all_reduce(flat)
-        for p, g in zip(params, (flat / dist.get_world_size()).split([p.numel() for p in params])):
-            p.grad = g.view_as(p)
 
 
 def all_sum(t):
@@ -146,16 +181,120 @@ def barrier():
 
 
 # ----------------------------------------------------------------------------------------------------
-# 4. Logging: one line per interval on the progress bar, every value in metrics.jsonl.
-def log_stats(l_meta, info, B: int, device):
-    """Sums over the micro-batch of: L_SFT, L_cons, L_meta (x B), |I_dyn|, problems, tokens, and per
-    perspective alpha_k, s_k, L_real_k. Without MetaNet (some variants) L_meta and s count as 0."""
-    zero = torch.tensor(0.0)
-    head = [info.get("sft", zero).item() * B, info.get("cons", zero).item() * B,
-            0.0 if l_meta is None else l_meta.item() * B, info["mask"].sum().item(), B, info["tokens"]]
-    scores = info["scores"] if info["scores"] is not None else torch.zeros_like(info["alpha"])
-    per_k = [t.float().cpu().sum(0) for t in (info["alpha"], scores, info["l_real"])]
-    return torch.cat([torch.tensor(head), *per_k]).to(device)
+# 4. Stopping: Ctrl-C or SIGTERM asks for a stop at the next optimizer step, with a checkpoint.
+class StopOnSignal:
+    """A context in which SIGINT/SIGTERM set `asked` instead of killing the run; a second signal
+    aborts at once. The previous handlers come back on exit."""
+    def __enter__(self):
+        self.asked = False
+        self.previous = {s: signal.signal(s, self._ask) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _ask(self, *_):
+        if self.asked:
+            raise KeyboardInterrupt
+        self.asked = True
+
+    def asked_anywhere(self, device) -> bool:
+        """True if any process was asked to stop (so that all of them stop at the same step)."""
+        return bool(all_sum(torch.tensor([float(self.asked)], device=device)))
+
+    def __exit__(self, *exc):
+        for s, h in self.previous.items():
+            signal.signal(s, h)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. Logging: one line per interval on the progress bar, every value in metrics.jsonl.
+class Tally:
+    """Sums of the logged values over one log interval, in one tensor on the device, so that a
+    single all-reduce adds up every process. LAYOUT names each slice; nothing else knows it."""
+    LAYOUT = {"sft": 1, "cons": 1, "meta": 1, "selected": 1, "problems": 1, "tokens": 1,
+              "alpha": K, "score": K, "loss_real": K}
+
+    def __init__(self, device):
+        self.sums = torch.zeros(sum(self.LAYOUT.values()), device=device)
+
+    def add(self, l_meta, info, B: int) -> None:
+        """Adds one micro-batch of B problems: the losses (means) x B, and per-problem sums."""
+        zero = torch.tensor(0.0)
+        scores = info["scores"] if info["scores"] is not None else torch.zeros_like(info["alpha"])
+        parts = {"sft": info.get("sft", zero).item() * B, "cons": info.get("cons", zero).item() * B,
+                 "meta": 0.0 if l_meta is None else l_meta.item() * B,
+                 "selected": info["mask"].sum().item(), "problems": B, "tokens": info["tokens"],
+                 "alpha": info["alpha"], "score": scores, "loss_real": info["l_real"]}
+        flat = [torch.tensor([float(parts[name])]) if n == 1 else parts[name].float().cpu().sum(0)
+                for name, n in self.LAYOUT.items()]
+        self.sums += torch.cat(flat).to(self.sums.device)
+
+    def take(self) -> dict:
+        """The sums of all processes by name (floats, or lists of K), and a fresh interval."""
+        values = all_sum(self.sums.clone()).tolist()
+        self.sums.zero_()
+        out, at = {}, 0
+        for name, n in self.LAYOUT.items():
+            out[name] = values[at] if n == 1 else values[at: at + n]
+            at += n
+        return out
+
+
+class RunLog:
+    """The run's progress bar, its metrics.jsonl (rank 0 writes) and the sums behind each line:
+    a Tally per log interval, and alpha per (subject, perspective) per epoch."""
+    def __init__(self, out: Path, writer: bool, total: int, step: int, variant: str, metanet: bool,
+                 subjects: list[str], device):
+        from tqdm.auto import tqdm
+        self.writer, self.total, self.variant, self.metanet = writer, total, variant, metanet
+        self.subjects, self.device = subjects, device
+        self.tally, self.t0, self.last = Tally(device), time.time(), {}
+        self.by_subject = torch.zeros(max(len(subjects), 1), K + 1, device=device)  # alpha, count
+        self.metrics = open(out / "metrics.jsonl", "a") if writer else None
+        self.bar = tqdm(total=total, initial=step, disable=not writer, dynamic_ncols=True)
+
+    def add(self, l_meta, info, subjects: list) -> None:
+        B = len(subjects)
+        self.tally.add(l_meta, info, B)
+        at = torch.tensor([self.subjects.index(s) if self.subjects else 0 for s in subjects])
+        counted = torch.cat([info["alpha"], torch.ones(B, 1, device=info["alpha"].device)], 1)
+        self.by_subject.index_add_(0, at.to(self.device), counted.to(self.device))  # (B, K + 1)
+
+    def write_step(self, step: int, epoch: float, warmup: bool, lr: float, meta_lr: float) -> None:
+        """One optimizer step done: the bar moves; at a log interval, one record and one line."""
+        seconds = time.time() - self.t0
+        self.last = make_record(self.tally.take(), step, epoch, warmup, lr, meta_lr, seconds,
+                                peak_memory_gib(self.device), self.variant, self.metanet)
+        self.t0 = time.time()
+        if self.writer:
+            self.metrics.write(json.dumps(self.last) + "\n")
+            self.metrics.flush()
+            self.bar.write(format_record(self.last, self.total))
+
+    def step_done(self) -> None:
+        self.bar.update(1)
+
+    def end_epoch(self, epoch: int, write: bool) -> None:
+        """An epoch ends: if `write` (and rows have subjects), one record of the mean alpha per
+        (subject, perspective) over it; the sums start again either way."""
+        sums = all_sum(self.by_subject.clone()).cpu().tolist() if write else None
+        self.by_subject.zero_()
+        if not (write and self.writer and self.subjects):
+            return
+        alpha = {s: {k: row[j] / max(row[K], 1) for j, k in enumerate(PERSPECTIVE_KEYS)}
+                 for s, row in zip(self.subjects, sums)}
+        count = {s: int(row[K]) for s, row in zip(self.subjects, sums)}
+        record = {"kind": "subjects", "variant": self.variant, "epoch": epoch, "alpha": alpha,
+                  "count": count}
+        self.metrics.write(json.dumps(record) + "\n")
+        self.metrics.flush()
+
+    def print(self, line: str) -> None:
+        if self.writer:
+            self.bar.write(line)
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.metrics:
+            self.metrics.close()
 
 
 def peak_memory_gib(device):
@@ -169,28 +308,23 @@ def peak_memory_gib(device):
     return round(peak.item(), 2)
 
 
-def make_record(s, step, epoch, warmup, lr, meta_lr, seconds, peak_gib, variant="mind", metanet=True) -> dict:
-    n = s[4]
-    r = {"kind": "step", "variant": variant, "step": step, "epoch": round(epoch, 3), "stage": "warmup" if warmup else "joint",
-         "loss_sft": None if warmup else s[0] / n, "loss_cons": None if warmup else s[1] / n,
-         "loss_meta": s[2] / n if metanet else None,
-         "n_selected": s[3] / n, "tokens_per_s": s[5] / seconds, "lr": 0.0 if warmup else lr, "meta_lr": meta_lr,
+def make_record(s: dict, step, epoch, warmup, lr, meta_lr, seconds, peak_gib, variant="mind",
+                metanet=True) -> dict:
+    """One metrics.jsonl record from the named sums of a Tally (means per problem)."""
+    n = s["problems"]
+    r = {"kind": "step", "variant": variant, "step": step, "epoch": round(epoch, 3),
+         "stage": "warmup" if warmup else "joint",
+         "loss_sft": None if warmup else s["sft"] / n, "loss_cons": None if warmup else s["cons"] / n,
+         "loss_meta": s["meta"] / n if metanet else None, "n_selected": s["selected"] / n,
+         "tokens_per_s": s["tokens"] / seconds, "lr": 0.0 if warmup else lr, "meta_lr": meta_lr,
          "peak_mem_gib": peak_gib}
-    r |= {f"alpha/{k}": s[6 + j] / n for j, k in enumerate(PERSPECTIVE_KEYS)}
-    r |= {f"score/{k}": s[6 + K + j] / n if metanet else None for j, k in enumerate(PERSPECTIVE_KEYS)}
-    return r | {f"loss_real/{k}": s[6 + 2 * K + j] / n for j, k in enumerate(PERSPECTIVE_KEYS)}
-
-
-def record_subjects(metrics, sums, subjects: list[str], epoch: int, variant: str):
-    """One metrics.jsonl line: mean alpha per (subject, perspective) over an epoch, from sums (S, K + 1)
-    of alpha and of the problem count (rank 0 writes; metrics is None elsewhere)."""
-    if metrics is None:
-        return
-    sums = sums.cpu().tolist()
-    alpha = {s: {k: row[j] / max(row[K], 1) for j, k in enumerate(PERSPECTIVE_KEYS)} for s, row in zip(subjects, sums)}
-    metrics.write(json.dumps({"kind": "subjects", "variant": variant, "epoch": epoch, "alpha": alpha,
-                              "count": {s: int(row[K]) for s, row in zip(subjects, sums)}}) + "\n")
-    metrics.flush()
+    for j, k in enumerate(PERSPECTIVE_KEYS):
+        r[f"alpha/{k}"] = s["alpha"][j] / n
+    for j, k in enumerate(PERSPECTIVE_KEYS):
+        r[f"score/{k}"] = s["score"][j] / n if metanet else None
+    for j, k in enumerate(PERSPECTIVE_KEYS):
+        r[f"loss_real/{k}"] = s["loss_real"][j] / n
+    return r
 
 
 def format_record(r: dict, total: int) -> str:
@@ -198,4 +332,6 @@ def format_record(r: dict, total: int) -> str:
     parts += [f"{name} {r[key]:.4f}" for name, key in (("L_sft", "loss_sft"), ("L_cons", "loss_cons"),
                                                       ("L_meta", "loss_meta")) if r[key] is not None]
     parts += [f"|I| {r['n_selected']:.2f}", f"{r['tokens_per_s']:,.0f} tok/s"]
-    return " | ".join(parts + ([] if r["peak_mem_gib"] is None else [f"{r['peak_mem_gib']:.1f} GiB"]))
+    if r["peak_mem_gib"] is not None:
+        parts.append(f"{r['peak_mem_gib']:.1f} GiB")
+    return " | ".join(parts)

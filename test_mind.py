@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import mind
+import fast, infra, mind
 from prompts import PERSPECTIVE_KEYS, answer_suffix, last_boxed
 
 HERE = Path(__file__).resolve().parent
@@ -185,7 +185,8 @@ def test_long_rationales_are_cut_but_keep_the_answer(tiny):
 @pytest.mark.parametrize("packed", [True, False])
 def test_pass_losses_match_full_logits_one_path_at_a_time(tiny, packed):
     model, paths = tiny["model"], [p for pp in tiny["paths"][:2] for p in pp[:3]]
-    loss, ans_lp = mind.run_pass(tiny["body"], tiny["head"], paths, 7, True, packed, torch.device("cpu"))
+    width = max(p.answer_len for p in paths)
+    loss, ans_lp = mind.run_pass(tiny["body"], tiny["head"], paths, torch.device("cpu"), width, packed, chunk=7)
     for n, (seq, first, start, A) in enumerate(paths):  # one path at a time, the plain way
         ids = torch.tensor([seq])
         logits = model(input_ids=ids).logits[0]                               # (T, V)
@@ -198,10 +199,10 @@ def test_pass_losses_match_full_logits_one_path_at_a_time(tiny, packed):
 def test_packed_paths_do_not_see_each_other(tiny):
     """A path's hidden states must not change when other paths share its pass (a leak would change them)."""
     body, paths = tiny["body"], [p for pp in tiny["paths"][:2] for p in pp[:4]]
-    alone = torch.stack([mind.run_pass(body, tiny["head"], [p], 1024, False, True, torch.device("cpu"))[0][0] for p in paths])
-    together = mind.run_pass(body, tiny["head"], paths, 1024, False, True, torch.device("cpu"))[0]
+    alone = torch.stack([mind.run_pass(body, tiny["head"], [p], torch.device("cpu"))[0][0] for p in paths])
+    together = mind.run_pass(body, tiny["head"], paths, torch.device("cpu"))[0]
     assert torch.allclose(alone, together, atol=1e-5)
-    shuffled = mind.run_pass(body, tiny["head"], paths[::-1], 1024, False, True, torch.device("cpu"))[0]
+    shuffled = mind.run_pass(body, tiny["head"], paths[::-1], torch.device("cpu"))[0]
     assert torch.allclose(shuffled.flip(0), together, atol=1e-5)
 
 
@@ -222,7 +223,7 @@ def test_a_student_that_cannot_pack_trains_in_padded_passes(tiny, monkeypatch, c
     cfg = mind.Config(student="tiny", max_len=16)
     peft_model = mind.add_lora(model, cfg, torch.device("cpu"))
     assert cfg.packing is False and "padded passes instead" in capsys.readouterr().out
-    assert peft_model.config._attn_implementation != mind.PACKED
+    assert peft_model.config._attn_implementation != fast.PACKED
     h_x, h_r, metanet = step_inputs(5, B=1)
     body, head = peft_model.get_base_model().base_model, peft_model.get_base_model().get_output_embeddings()
     l_meta, info = mind.micro_step(cfg, tiny["short"][:1], h_x, h_r, metanet, body, head, False, torch.device("cpu"))
@@ -266,8 +267,8 @@ def test_step_does_not_depend_on_the_pass_budget_or_packing(tiny, beta):
         assert_same_step(step_grads(tiny, problems, cfg, h_x, h_r, metanet), one_pass)
 
 
-def test_surrogate_gradient_equals_autograd_through_eq4(tiny):
-    """micro_step's passes with the surrogate against the plain way: every selected path through the
+def test_passes_give_the_gradient_of_the_plain_step(tiny):
+    """micro_step's bounded passes against the plain step: every selected path through the
     full model with gradients, Eq. 2 + lambda * Eq. 3 from the pure functions, one backward."""
     h_x, h_r, metanet = step_inputs(1)
     problems, model = tiny["short"][:3], tiny["model"]
@@ -294,6 +295,36 @@ def test_surrogate_gradient_equals_autograd_through_eq4(tiny):
     assert want.keys() == got.keys()
     for n in want:
         assert torch.allclose(got[n], want[n], atol=1e-6, rtol=1e-4), n
+
+
+def test_the_student_trains_through_the_equation_functions(tiny, monkeypatch):
+    """Pass 2 backpropagates sft_loss and consistency_loss themselves: scaling what one of them
+    returns scales its share of the gradient, and nothing else changes."""
+    h_x, h_r, metanet = step_inputs(1)
+    problems = tiny["short"][:3]
+    base = dict(student="tiny", beta=0.5, tau_student=0.5, max_len=16, max_tokens_per_pass=40)
+    only_sft = step_grads(tiny, problems, mind.Config(**base, lambda_=0.0), h_x, h_r, metanet)[2]
+    both = step_grads(tiny, problems, mind.Config(**base, lambda_=1.0), h_x, h_r, metanet)[2]
+    sft, cons = mind.sft_loss, mind.consistency_loss
+    monkeypatch.setattr(mind, "sft_loss", lambda *a: 3 * sft(*a))
+    tripled = step_grads(tiny, problems, mind.Config(**base, lambda_=0.0), h_x, h_r, metanet)[2]
+    monkeypatch.setattr(mind, "sft_loss", sft)
+    monkeypatch.setattr(mind, "consistency_loss", lambda *a: 2 * cons(*a))
+    cons_doubled = step_grads(tiny, problems, mind.Config(**base, lambda_=1.0), h_x, h_r, metanet)[2]
+    for n in only_sft:
+        assert torch.allclose(tripled[n], 3 * only_sft[n], atol=1e-7, rtol=1e-4), n
+        eq3_share = both[n] - only_sft[n]
+        assert torch.allclose(cons_doubled[n], only_sft[n] + 2 * eq3_share, atol=1e-7, rtol=1e-4), n
+    assert any(not torch.allclose(both[n], only_sft[n]) for n in only_sft)  # Eq. 3 has a share
+
+
+def test_lora_dropout_is_refused_in_one_line():
+    with pytest.raises(ValueError, match="--lora-dropout 0.1"):
+        mind.Config(lora_dropout=0.1)
+    r = subprocess.run([sys.executable, str(HERE / "mind.py"), "--lora-dropout", "0.05"],
+                       capture_output=True, text=True, timeout=300)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and lines == ["error: out of range: --lora-dropout 0.05 (see --help)"]
 
 
 class SavedBytes:
@@ -438,6 +469,11 @@ def test_help_lists_every_flag_with_its_source():
               "--tau", "--tau-student", "--beta", "--lambda", "--lora-r", "--lora-alpha", "--lora-dropout"):
         assert f in r.stdout, f
     assert r.stdout.count("[Table 8") >= 6 and r.stdout.count("ours") >= 10
+    groups = [r.stdout.index(title + ":") for title in mind.GROUPS.values()]  # Config's groups, in order
+    assert groups == sorted(groups)
+    table8 = r.stdout[groups[1]: groups[2]]
+    assert all(f in table8 for f in ("--lr", "--epochs", "--batch-size", "--grad-accum", "--meta-lr"))
+    assert "--beta" in r.stdout[groups[2]: groups[3]] and "--packing" in r.stdout[groups[3]:]
 
 
 # ---------------------------------------------------------------- end to end
@@ -466,7 +502,7 @@ def test_end_to_end_and_reload(tmp_path, small_data):
     recs = [r for r in recs if r["kind"] == "step"]
     assert [r["stage"] for r in recs] == ["warmup"] * 2 + ["joint"] * 4 and res["step"] == 6
     assert all(r["peak_mem_gib"] is None for r in recs)  # on the CPU; the GPU's peak per interval otherwise
-    assert "| 12.3 GiB" in mind.format_record({**recs[-1], "peak_mem_gib": 12.34}, 6)
+    assert "| 12.3 GiB" in infra.format_record({**recs[-1], "peak_mem_gib": 12.34}, 6)
     joint = [r for r in recs if r["stage"] == "joint"]
     for r in joint:
         assert all(math.isfinite(r[k]) for k in ("loss_sft", "loss_cons", "loss_meta"))
