@@ -33,9 +33,10 @@ Usage:
   python evaluate.py --speed-test                                   # plain vs fast decoding, one table
 Each row writes OUT/<row>.json (every prompt, completion, extracted answer and verdict, and the generation
 time and new tokens/s) after every benchmark, and a rerun with the same settings reuses the benchmarks
-already done; OUT/table.md holds the table.
+already done; OUT/table.md holds the table. Rows run one after another, and each row's model is freed
+before the next one loads.
 """
-import argparse, csv, io, json, math, os, random, re, sys, threading, time
+import argparse, csv, gc, io, json, math, os, random, re, sys, threading, time
 from pathlib import Path
 
 from prompts import eval_prompt, last_boxed, plain_prompt
@@ -623,7 +624,33 @@ def hf_generator(student: str, adapter: str | None, tok, max_new_tokens: int, ba
             raise EvalError(f"{desc}: {e}") from None
         return tok.batch_decode(ids, skip_special_tokens=True), {**progress.stats(), **how}
 
+    def close():
+        """Lets go of the model, so that reference counting alone frees it. Once transformers has
+        compiled the decoding step (CUDA, --decode fast), the model keeps torch.compile(model.__call__)
+        as model._compiled_call: a cycle through the model's own bound method, which would hold the
+        weights, and the static cache reached through the decoder, until a gc.collect()."""
+        nonlocal model, decoder
+        if model is None:
+            return
+        compiled = "_compiled_call" in vars(model)
+        for name in ("_compiled_call", "_last_compile_config"):
+            vars(model).pop(name, None)
+        model = decoder = None
+        if compiled:  # the compiled graphs and their CUDA graph memory pool outlive the model otherwise
+            import torch
+            torch._dynamo.reset()
+    generate.close = close
     return generate
+
+
+def release_memory():
+    """After a row's model is let go: collect what cycles still hold, then give the blocks PyTorch's
+    allocator caches back to CUDA, so that the next row's automatic batch size (pick_batch_size, from
+    torch.cuda.mem_get_info) sees the memory that is really free."""
+    gc.collect()
+    import torch
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def vllm_generator(student: str, adapter: str | None, tok, max_new_tokens: int, seed: int):
@@ -656,6 +683,11 @@ def vllm_generator(student: str, adapter: str | None, tok, max_new_tokens: int, 
         seconds, new = time.perf_counter() - start, sum(len(o.outputs[0].token_ids) for o in outs)
         stats = dict(gen_seconds=round(seconds, 3), new_tokens=new, tokens_per_s=round(new / seconds, 1), decode="vllm")
         return [o.outputs[0].text for o in outs], stats  # vLLM returns outputs in the order of the prompts
+
+    def close():  # the engine shuts down when its LLM object goes
+        nonlocal llm
+        llm = None
+    generate.close = close
     return generate
 
 
@@ -770,7 +802,9 @@ def write_json(path: Path, data: dict):
 
 
 def evaluate_row(args, adapter: str | None, data: dict, tok) -> dict:
-    """Generate and score every benchmark in `data` (bench -> (items, source, skipped)) for one table row."""
+    """Generate and score every benchmark in `data` (bench -> (items, source, skipped)) for one table
+    row. Its model is released before this returns (release_memory), so the next row loads onto a card
+    that holds nothing of this one."""
     label = args.student + (f" + {adapter}" if adapter else "")
     settings = dict(student=args.student, adapter=adapter, backend=args.backend, max_new_tokens=args.max_new_tokens,
                     seed=args.seed, limit=args.limit, chat_template=bool(tok.chat_template))
@@ -800,16 +834,22 @@ def evaluate_row(args, adapter: str | None, data: dict, tok) -> dict:
     else:
         generate = hf_generator(args.student, adapter, tok, args.max_new_tokens, args.batch_size, args.decode,
                                 args.compile, longest)
-    for bench, (items, source, skipped, prompt_ids) in todo.items():
-        completions, stats = generate(prompt_ids, f"{bench} ({len(items)})")
-        scored = score(bench, items, completions, skipped)
-        result["benchmarks"][bench] = {"source": source, **scored, **stats}
-        result["benchmarks"] = {b: result["benchmarks"][b] for b in BENCHES if b in result["benchmarks"]}
-        write_json(path, result)  # after every benchmark: an interruption loses one benchmark at most
-        r = result["benchmarks"][bench]
-        skips = f", {r['n_skipped']} rows skipped" if r["n_skipped"] else ""
-        print(f"{label} | {bench}: {r['correct']}/{r['n']} = {r['accuracy']:.2f}% ({r['unparsed']} unparsed"
-              f"{skips}); {r['new_tokens']:,} new tokens in {r['gen_seconds']:,.0f} s ({r['tokens_per_s']:,.0f} tok/s)")
+    try:
+        for bench, (items, source, skipped, prompt_ids) in todo.items():
+            completions, stats = generate(prompt_ids, f"{bench} ({len(items)})")
+            scored = score(bench, items, completions, skipped)
+            result["benchmarks"][bench] = {"source": source, **scored, **stats}
+            result["benchmarks"] = {b: result["benchmarks"][b] for b in BENCHES if b in result["benchmarks"]}
+            write_json(path, result)  # after every benchmark: an interruption loses one benchmark at most
+            r = result["benchmarks"][bench]
+            skips = f", {r['n_skipped']} rows skipped" if r["n_skipped"] else ""
+            print(f"{label} | {bench}: {r['correct']}/{r['n']} = {r['accuracy']:.2f}% ({r['unparsed']} unparsed"
+                  f"{skips}); {r['new_tokens']:,} new tokens in {r['gen_seconds']:,.0f} s "
+                  f"({r['tokens_per_s']:,.0f} tok/s)")
+    finally:  # this row's model goes before the next row's loads
+        getattr(generate, "close", lambda: None)()
+        del generate
+        release_memory()
     result["path"] = str(path)
     return result
 

@@ -4,7 +4,7 @@ independently, the six fixture files in the Hub layouts, greedy batched generati
 
 Run: pytest -q test_evaluate.py   (about a minute on a laptop CPU)
 """
-import csv, json, re, subprocess, sys, threading, types
+import csv, gc, json, re, subprocess, sys, threading, types, weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -577,7 +577,7 @@ def test_vllm_path_with_a_stand_in_module(monkeypatch, tmp_path, random_student)
 
     class LLM:
         def __init__(self, **kw):
-            calls["init"] = kw
+            calls.update(init=kw, llm=weakref.ref(self))
 
         def generate(self, prompts, params, use_tqdm=True, lora_request=None):
             calls.update(prompts=prompts, params=params, lora=lora_request)
@@ -602,6 +602,9 @@ def test_vllm_path_with_a_stand_in_module(monkeypatch, tmp_path, random_student)
     assert calls["params"]["repetition_penalty"] == 1.0 and tok.eos_token_id in calls["params"]["stop_token_ids"]
     assert calls["init"]["enable_lora"] is True and calls["init"]["max_lora_rank"] == 16  # rounded up
     assert calls["lora"] == ("adapter", 1, str(adapter.resolve()))
+    assert calls["llm"]() is not None
+    gen.close()  # the next row's engine needs the GPU memory: this one lets its LLM go
+    assert calls["llm"]() is None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -716,3 +719,56 @@ def test_skipped_rows_end_to_end(random_student, tmp_path, capsys):
     assert (g["n_total"], g["n_scored"], g["n_skipped"]) == (4, 3, 1)
     assert [s["id"] for s in g["skipped"]] == ["r3"]
 
+
+def test_release_memory_collects_then_empties_the_cuda_cache(monkeypatch):
+    calls = []
+    monkeypatch.setattr(gc, "collect", lambda *a: calls.append("collect") or 0)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append("empty_cache"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    ev.release_memory()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    ev.release_memory()
+    assert calls == ["collect", "empty_cache", "collect"]
+
+
+def test_each_row_frees_its_model_before_the_next_loads(trained, tmp_path, monkeypatch):
+    """Two rows (the base student, then student + adapter). On CUDA, transformers keeps the compiled decoding
+    step on the model (model._compiled_call = torch.compile(model.__call__)): a cycle through the model. The
+    loader below makes that cycle on the CPU too, and records, when the second row loads its model, whether
+    the first row's is still alive. Python's collector is off and evaluate.py's gc.collect() calls are
+    recorded but do nothing: only letting go of every reference frees the model in time."""
+    real_load, real_collect = ev.load_model, gc.collect
+    student, adapter = trained / "run" / "tiny-student", trained / "run" / "adapter"
+
+    probe = real_load(str(student), None)  # the cycle is real: reference counting alone does not free it
+    probe.get_compiled_call(None)
+    probe_ref = weakref.ref(probe)
+    del probe
+    assert probe_ref() is not None
+    real_collect()
+    assert probe_ref() is None
+
+    models, seen, collects = [], [], []
+
+    def load(student, adapter):
+        seen.append(dict(adapter=adapter, alive=[m() is not None for m in models], collects=len(collects)))
+        model = real_load(student, adapter)
+        model.get_compiled_call(None)  # what generate() does on CUDA; nothing is compiled until it is called
+        models.append(weakref.ref(model))
+        return model
+    monkeypatch.setattr(ev, "load_model", load)
+    monkeypatch.setattr(gc, "collect", lambda *a, **k: collects.append(1) or 0)
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        ev.main(["--student", str(student), "--adapter", str(adapter), "--with-base", "--bench", "gsm8k",
+                 "--local", f"gsm8k={FIX / 'gsm8k.jsonl'}", "--limit", "2", "--max-new-tokens", "2",
+                 "--batch-size", "2", "--out", str(tmp_path / "eval")])
+        alive_at_end = [m() is not None for m in models]
+    finally:
+        if was_enabled:
+            gc.enable()
+    assert [s["adapter"] for s in seen] == [None, str(adapter)]
+    assert seen[1]["alive"] == [False]  # the base row's model was gone when the adapter row loaded its own
+    assert seen[1]["collects"] >= 1     # and a collection was asked for in between (then the CUDA cache emptied)
+    assert alive_at_end == [False, False]
