@@ -8,8 +8,12 @@ student's chat template; the final answer is read from the last \\boxed{} and sc
   gsm8k, svamp      the boxed answer, else the last number; commas, $ and % dropped; compared as numbers
   csqa, gpqa        the boxed letter, else "Answer: X" / "answer is X", else the last standalone letter
   strategyqa        the boxed yes/no, else the last "yes" or "no" in the text
-Accuracy is over every question: an answer that cannot be parsed counts as wrong, and how many were
-unparsed is reported beside it. Nothing is tuned on these splits.
+Accuracy is over every question scored: an answer that cannot be parsed counts as wrong, and how many
+were unparsed is reported beside it. A row that cannot be asked, because a field it needs is missing or
+empty (an empty GPQA option cell, a blank problem), is skipped: said on stderr, counted in the table and
+listed with its reason in the results (n_total rows read = n_scored + n_skipped). A field of another type
+or a file that is not UTF-8 or not JSON stops the run instead, naming file:line. Nothing is tuned on
+these splits.
 
 Choices of ours, where the paper says nothing: the final answer is the LAST \\boxed{} (two boxes: the
 second wins); GPQA's four options are shuffled per question by random.Random(f"{seed}:{index}"), the
@@ -29,9 +33,10 @@ Usage:
   python evaluate.py --speed-test                                   # plain vs fast decoding, one table
 Each row writes OUT/<row>.json (every prompt, completion, extracted answer and verdict, and the generation
 time and new tokens/s) after every benchmark, and a rerun with the same settings reuses the benchmarks
-already done; OUT/table.md holds the table.
+already done; OUT/table.md holds the table. Rows run one after another, and each row's model is freed
+before the next one loads.
 """
-import argparse, csv, json, math, os, random, re, sys, threading, time
+import argparse, csv, gc, io, json, math, os, random, re, sys, threading, time
 from pathlib import Path
 
 from prompts import eval_prompt, last_boxed, plain_prompt
@@ -40,18 +45,30 @@ from prompts import eval_prompt, last_boxed, plain_prompt
 # The six benchmarks of Table 1: Hub id, config, split, expected size, prompt kind, fields a row needs.
 BENCHES = {
     "math500": dict(name="MATH500", hub="HuggingFaceH4/MATH-500", config=None, split="test", size=500,
-                    kind="math", fields=("problem", "answer")),
+                    kind="math", fields=("problem", "answer"), id="unique_id"),
     "gsm8k": dict(name="GSM8K", hub="openai/gsm8k", config="main", split="test", size=1319,
-                  kind="math", fields=("question", "answer")),
+                  kind="math", fields=("question", "answer"), id=None),
     "svamp": dict(name="SVAMP", hub="ChilleD/SVAMP", config=None, split="test", size=300,
-                  kind="math", fields=("Body", "Question", "Answer")),
+                  kind="math", fields=("Body", "Question", "Answer"), id="ID"),
     "csqa": dict(name="CSQA", hub="tau/commonsense_qa", config=None, split="validation", size=1221,
-                 kind="choice", fields=("question", "choices", "answerKey")),  # test labels are hidden
+                 kind="choice", fields=("question", "choices", "answerKey"), id="id"),  # test labels are hidden
     "strategyqa": dict(name="StrategyQA", hub="ChilleD/StrategyQA", config=None, split="test", size=687,
-                       kind="yesno", fields=("question", "answer")),
+                       kind="yesno", fields=("question", "answer"), id="qid"),
     "gpqa": dict(name="GPQA-D", hub="Idavidrein/gpqa", config="gpqa_diamond", split="train", size=198,
                  kind="choice", fields=("Question", "Correct Answer", "Incorrect Answer 1",
-                                        "Incorrect Answer 2", "Incorrect Answer 3")),
+                                        "Incorrect Answer 2", "Incorrect Answer 3"), id="Record ID"),
+}
+# The types each needed field may have: (types, in words). Another type stops the run (file:line);
+# a field that is missing, null or blank only skips its row (make_item).
+_TEXT, _TEXT_OR_NUMBER = ((str,), "a string"), ((str, int, float), "a string or a number")
+FIELD_TYPES = {
+    "math500": {"problem": _TEXT, "answer": _TEXT_OR_NUMBER},
+    "gsm8k": {"question": _TEXT, "answer": _TEXT},
+    "svamp": {"Body": _TEXT, "Question": _TEXT, "Answer": _TEXT_OR_NUMBER},
+    "csqa": {"question": _TEXT, "choices": ((dict,), "an object {'label': [...], 'text': [...]}"),
+             "answerKey": _TEXT},
+    "strategyqa": {"question": _TEXT, "answer": ((bool, str), "true/false or yes/no")},
+    "gpqa": {f: _TEXT if f == "Question" else _TEXT_OR_NUMBER for f in BENCHES["gpqa"]["fields"]},
 }
 IN_DIST, OUT_DIST = ("math500", "gsm8k", "svamp"), ("csqa", "strategyqa", "gpqa")
 LETTERS = {"csqa": "ABCDE", "gpqa": "ABCD"}
@@ -59,6 +76,11 @@ LETTERS = {"csqa": "ABCDE", "gpqa": "ABCD"}
 
 class EvalError(Exception):
     """Bad input or setup; main() prints the message alone and exits with status 2."""
+
+
+class SkipRow(Exception):
+    """A benchmark row that cannot be asked (a needed field is missing or empty): the question is left
+    out of the scoring, and the results say which row and why."""
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -164,6 +186,30 @@ def is_correct(bench: str, completion: str, gold) -> bool:
 
 # ----------------------------------------------------------------------------------------------------
 # 2. Benchmarks: Hub rows or a local file in the same layout -> items {index, id, question, gold, ...}.
+def decode_utf8(path, data: bytes) -> str:
+    """data as text; bytes that are not UTF-8 are an EvalError naming path:line and the column."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:  # all before e.start decodes: the decoder stops at the first bad byte
+        line, start = data.count(b"\n", 0, e.start) + 1, data.rfind(b"\n", 0, e.start) + 1
+        column = len(data[start:e.start].decode("utf-8")) + 1
+        raise EvalError(f"{path}:{line}: not valid UTF-8 (byte 0x{data[e.start]:02x} at column {column})"
+                        ) from None
+
+
+def read_jsonl(path: Path, text: str) -> list[tuple[str, object]]:
+    """(path:line, value) for each non-blank line of JSON Lines text. Lines end at \\n only (a U+2028
+    inside a JSON string is no line break, as str.splitlines would have it)."""
+    rows = []
+    for n, line in enumerate(text.split("\n"), 1):
+        if line.strip():
+            try:
+                rows.append((f"{path}:{n}", json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise EvalError(f"{path}:{n}: not valid JSON ({e.msg}, column {e.colno})") from None
+    return rows
+
+
 def read_local(path: Path) -> list[tuple[str, dict]]:
     """Rows of a .jsonl, .json, .csv or .parquet file, each with where it came from (file:line)."""
     if not path.is_file():
@@ -171,33 +217,37 @@ def read_local(path: Path) -> list[tuple[str, dict]]:
     suffix = path.suffix.lower()
     rows = []
     if suffix in (".jsonl", ".json"):
-        text = path.read_text(encoding="utf-8")
+        text = decode_utf8(path, path.read_bytes())
         if suffix == ".json" and text.lstrip().startswith("["):
             try:
                 rows = [(f"{path}: item {i + 1}", r) for i, r in enumerate(json.loads(text))]
             except json.JSONDecodeError as e:
-                raise EvalError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+                raise EvalError(f"{path}:{e.lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
         else:
-            for n, line in enumerate(text.splitlines(), 1):
-                if line.strip():
-                    try:
-                        rows.append((f"{path}:{n}", json.loads(line)))
-                    except json.JSONDecodeError as e:
-                        raise EvalError(f"{path}:{n}: not valid JSON ({e.msg}, column {e.colno})") from None
+            rows = read_jsonl(path, text)
     elif suffix == ".csv":
-        with open(path, encoding="utf-8", newline="") as fh:
-            reader, start = csv.DictReader(fh), 2
+        data = path.read_bytes()  # a spreadsheet's byte order mark is no part of the first column's name
+        text = decode_utf8(path, data[3:] if data.startswith(b"\xef\xbb\xbf") else data)
+        reader, start = csv.DictReader(io.StringIO(text, newline="")), 2
+        try:
             for row in reader:
                 rows.append((f"{path}:{start}", row))
                 start = reader.line_num + 1
+        except csv.Error as e:
+            raise EvalError(f"{path}:{reader.line_num}: not valid CSV ({e})") from None
     elif suffix == ".parquet":
         from datasets import Dataset
-        rows = [(f"{path}: row {i + 1}", r) for i, r in enumerate(Dataset.from_parquet(str(path)))]
+        try:
+            ds = Dataset.from_parquet(str(path))
+        except Exception as e:  # pyarrow's errors for a file that is not Parquet, or a cut one
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise EvalError(f"{path}: not a readable Parquet file ({first})") from None
+        rows = [(f"{path}: row {i + 1}", r) for i, r in enumerate(ds)]
     else:
         raise EvalError(f"{path}: unknown file type (use .jsonl, .json, .csv or .parquet)")
     for where, row in rows:
         if not isinstance(row, dict):
-            raise EvalError(f"{where}: expected an object with named fields, got {type(row).__name__}")
+            raise EvalError(f"{where}: expected a JSON object, got {type(row).__name__}")
     return rows
 
 
@@ -217,13 +267,30 @@ def load_hub(bench: str) -> list[tuple[str, dict]]:
     return [(f"{spec['hub']} row {i + 1}", r) for i, r in enumerate(ds)]
 
 
+def _blank(value) -> bool:
+    """null, a string of nothing but white space, or an empty list or object (False and 0 are answers)."""
+    return value is None or (isinstance(value, str) and not value.strip()) or (
+        isinstance(value, (list, dict)) and not value)
+
+
+def _fields(kind: str, names: list[str]) -> str:
+    return f"{kind} field{'s' if len(names) > 1 else ''} {', '.join(map(repr, names))}"
+
+
 def make_item(bench: str, row: dict, where: str, index: int, seed: int) -> dict:
-    """One question in a common form; `where` names the row in error messages."""
+    """One question in a common form; `where` names the row in messages. A needed field that is missing,
+    null or blank raises SkipRow (the row is left out and reported); a field of another type than
+    FIELD_TYPES allows, or a value that cannot be read (a GSM8K answer without '####'), is an EvalError."""
     spec = BENCHES[bench]
-    missing = [f for f in spec["fields"] if row.get(f) is None]
-    if missing:
-        raise EvalError(f"{where}: missing field {', '.join(map(repr, missing))} ({bench} rows follow "
-                        f"{spec['hub']}: {', '.join(spec['fields'])})")
+    for f, (types, what) in FIELD_TYPES[bench].items():
+        v = row.get(f)
+        if v is not None and (not isinstance(v, types) or (isinstance(v, bool) and bool not in types)):
+            raise EvalError(f"{where}: field {f!r} must be {what}, got {type(v).__name__}")
+    missing = [f for f in spec["fields"] if f not in row]
+    empty = [f for f in spec["fields"] if f in row and _blank(row[f])]
+    if missing or empty:
+        reasons = [_fields("missing", missing)] if missing else []
+        raise SkipRow("; ".join(reasons + ([_fields("empty", empty)] if empty else [])))
 
     def bad(what):
         return EvalError(f"{where}: {what}")
@@ -246,6 +313,14 @@ def make_item(bench: str, row: dict, where: str, index: int, seed: int) -> dict:
         if not (isinstance(choices, dict) and isinstance(choices.get("label"), list)
                 and isinstance(choices.get("text"), list) and len(choices["label"]) == len(choices["text"])):
             raise bad("field 'choices' must be {'label': [...], 'text': [...]} of equal length")
+        if not all(isinstance(x, str) for x in choices["label"] + choices["text"]):
+            raise bad("field 'choices' must hold strings in 'label' and 'text'")
+        if not choices["label"]:
+            raise SkipRow("no choices in field 'choices'")
+        blank = [l if l.strip() else "(no label)" for l, t in zip(choices["label"], choices["text"])
+                 if not (l.strip() and t.strip())]
+        if blank:
+            raise SkipRow(f"empty choice {', '.join(blank)} in field 'choices'")
         if row["answerKey"] not in choices["label"]:
             raise bad(f"answerKey {row['answerKey']!r} is not one of the labels {choices['label']}")
         options = "\n".join(f"({l}) {t}" for l, t in zip(choices["label"], choices["text"]))
@@ -269,14 +344,39 @@ def make_item(bench: str, row: dict, where: str, index: int, seed: int) -> dict:
     raise ValueError(bench)
 
 
-def load_bench(bench: str, local: dict, seed: int, limit: int = 0) -> tuple[list[dict], str]:
-    """(items, source). local: bench -> file path; other benchmarks come from the Hub."""
+def load_bench(bench: str, local: dict, seed: int, limit: int = 0) -> tuple[list[dict], str, list[dict]]:
+    """(items, source, skipped). local: bench -> file path; other benchmarks come from the Hub. --limit
+    takes the first `limit` rows, skipped ones included. A skipped row is {index, where, id, reason}; an
+    item keeps its row's index, so GPQA's shuffle of the other questions does not move."""
+    spec, source = BENCHES[bench], str(local.get(bench, BENCHES[bench]["hub"]))
     rows = read_local(Path(local[bench])) if bench in local else load_hub(bench)
     rows = rows[:limit] if limit else rows
-    items = [{"index": i, **make_item(bench, row, where, i, seed)} for i, (where, row) in enumerate(rows)]
+    items, skipped = [], []
+    for i, (where, row) in enumerate(rows):
+        try:
+            items.append({"index": i, **make_item(bench, row, where, i, seed)})
+        except SkipRow as e:
+            skipped.append(dict(index=i, where=where, id=row.get(spec["id"], i), reason=str(e)))
+    if not items and skipped:  # every row: more likely a file in another layout than bad rows
+        raise EvalError(f"{bench}: no question to score in {source}, all {len(rows)} rows skipped: "
+                        f"{skip_summary(skipped)} ({bench} rows follow {spec['hub']}: "
+                        f"{', '.join(spec['fields'])})")
     if not items:
-        raise EvalError(f"{bench}: no questions in {local.get(bench, BENCHES[bench]['hub'])}")
-    return items, str(local.get(bench, BENCHES[bench]["hub"]))
+        raise EvalError(f"{bench}: no questions in {source}")
+    return items, source, skipped
+
+
+def skip_summary(skipped: list[dict], shown: int = 3) -> str:
+    """The skipped rows grouped by reason, each with its count and the first `shown` rows."""
+    by_reason = {}
+    for s in skipped:
+        by_reason.setdefault(s["reason"], []).append(str(s["where"]))
+    parts = []
+    for reason, rows in by_reason.items():
+        more = f", {len(rows) - shown} more" if len(rows) > shown else ""
+        plural = "s" if len(rows) > 1 else ""
+        parts.append(f"{reason} in {len(rows)} row{plural} ({', '.join(rows[:shown])}{more})")
+    return "; ".join(parts)
 
 
 def parse_local(specs: list[str]) -> dict:
@@ -523,7 +623,34 @@ def hf_generator(student: str, adapter: str | None, tok, max_new_tokens: int, ba
         except EvalError as e:
             raise EvalError(f"{desc}: {e}") from None
         return tok.batch_decode(ids, skip_special_tokens=True), {**progress.stats(), **how}
+
+    def close():
+        """Lets go of the model, so that reference counting alone frees it. Once transformers has
+        compiled the decoding step (CUDA, --decode fast), the model keeps torch.compile(model.__call__)
+        as model._compiled_call: a cycle through the model's own bound method, which would hold the
+        weights, and the static cache reached through the decoder, until a gc.collect()."""
+        nonlocal model, decoder
+        if model is None:
+            return
+        compiled = "_compiled_call" in vars(model)
+        for name in ("_compiled_call", "_last_compile_config"):
+            vars(model).pop(name, None)
+        model = decoder = None
+        if compiled:  # the compiled graphs and their CUDA graph memory pool outlive the model otherwise
+            import torch
+            torch._dynamo.reset()
+    generate.close = close
     return generate
+
+
+def release_memory():
+    """After a row's model is let go: collect what cycles still hold, then give the blocks PyTorch's
+    allocator caches back to CUDA, so that the next row's automatic batch size (pick_batch_size, from
+    torch.cuda.mem_get_info) sees the memory that is really free."""
+    gc.collect()
+    import torch
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def vllm_generator(student: str, adapter: str | None, tok, max_new_tokens: int, seed: int):
@@ -556,18 +683,26 @@ def vllm_generator(student: str, adapter: str | None, tok, max_new_tokens: int, 
         seconds, new = time.perf_counter() - start, sum(len(o.outputs[0].token_ids) for o in outs)
         stats = dict(gen_seconds=round(seconds, 3), new_tokens=new, tokens_per_s=round(new / seconds, 1), decode="vllm")
         return [o.outputs[0].text for o in outs], stats  # vLLM returns outputs in the order of the prompts
+
+    def close():  # the engine shuts down when its LLM object goes
+        nonlocal llm
+        llm = None
+    generate.close = close
     return generate
 
 
 # ----------------------------------------------------------------------------------------------------
 # 4. Results: one JSON per row (student + adapter), and a Markdown table in Table 1's layout.
-def score(bench: str, items: list[dict], completions: list[str]) -> dict:
+def score(bench: str, items: list[dict], completions: list[str], skipped: list[dict] = ()) -> dict:
+    """One benchmark's results. accuracy = correct / n_scored: an unparsed answer is scored (as wrong),
+    a skipped row is not. n is n_scored (the name of earlier results files); n_total = rows read."""
     for item, completion in zip(items, completions, strict=True):
         item.update(completion=completion, extracted=extract_answer(bench, completion),
                     correct=is_correct(bench, completion, item["gold"]))
     n, correct = len(items), sum(it["correct"] for it in items)
     return dict(name=BENCHES[bench]["name"], n=n, correct=correct, accuracy=100.0 * correct / n,
-                unparsed=sum(it["extracted"] is None for it in items), items=items)
+                unparsed=sum(it["extracted"] is None for it in items), n_total=n + len(skipped), n_scored=n,
+                n_skipped=len(skipped), skipped=list(skipped), items=items)
 
 
 def markdown_table(results: list[dict]) -> str:
@@ -594,15 +729,70 @@ def markdown_table(results: list[dict]) -> str:
         lines.append(f"| {r['label']} | " + " | ".join(cells) + " |")
     lines += ["", "Correct / questions (unparsed answers, counted wrong):", "",
               "| Model | " + " | ".join(BENCHES[b]["name"] for b in BENCHES) + " |", "|---" * (len(BENCHES) + 1) + "|"]
+    def counts(b):
+        cell = f"{b['correct']}/{b['n']} ({b['unparsed']})"
+        return cell + (f", {b['n_skipped']} skipped" if b.get("n_skipped") else "")
     for r in results:
         bs = r["benchmarks"]
-        lines.append(f"| {r['label']} | " + " | ".join(
-            f"{bs[b]['correct']}/{bs[b]['n']} ({bs[b]['unparsed']})" if b in bs else "–" for b in BENCHES) + " |")
-    limits = {r["settings"]["limit"] for r in results} - {0}
+        cells = [counts(bs[b]) if b in bs else "–" for b in BENCHES]
+        lines.append(f"| {r['label']} | " + " | ".join(cells) + " |")
+    if any(b.get("n_skipped") for r in results for b in r["benchmarks"].values()):
+        lines += ["", "Skipped: rows with an empty or missing field, neither scored nor counted in the "
+                      "accuracy; the results files list them with the reason."]
+    limits = {r["settings"].get("limit", 0) for r in results} - {0}
     if limits:
         lines += ["", f"Only the first {', '.join(map(str, sorted(limits)))} questions of each benchmark "
                       "(--limit): not comparable with Table 1."]
     return "\n".join(lines) + "\n"
+
+
+def results_problem(res) -> str | None:
+    """What keeps `res` from being a results file of evaluate.py, as far as --table and a rerun read
+    it; None if nothing does."""
+    if not isinstance(res, dict):
+        return f"expected a JSON object, got {type(res).__name__}"
+    for key, typ, what in (("label", str, "a string"), ("settings", dict, "an object"),
+                           ("benchmarks", dict, "an object")):
+        if not isinstance(res.get(key), typ):
+            return f"field {key!r} is missing or not {what}"
+    for bench, b in res["benchmarks"].items():
+        if bench not in BENCHES:
+            return f"benchmarks: unknown benchmark {bench!r}"
+        if not isinstance(b, dict):
+            return f"benchmarks.{bench}: expected an object, got {type(b).__name__}"
+        for key, typ, what in (("source", str, "a string"), ("n", int, "an integer"),
+                               ("correct", int, "an integer"), ("unparsed", int, "an integer"),
+                               ("accuracy", (int, float), "a number"), ("items", list, "a list"),
+                               ("n_skipped", int, "an integer"), ("skipped", list, "a list")):
+            if key in ("n_skipped", "skipped") and key not in b:
+                continue  # results files from before rows could be skipped
+            if not isinstance(b.get(key), typ):
+                return f"benchmarks.{bench}: field {key!r} is missing or not {what}"
+        for k, it in enumerate(b["items"]):
+            if not isinstance(it, dict) or not isinstance(it.get("question"), str):
+                return f"benchmarks.{bench}.items[{k}]: not an object with a 'question' string"
+    return None
+
+
+def read_results(path: Path, hint: str = "") -> dict:
+    """A results file (OUT/<row>.json), for --table and for a rerun that reuses it; a file that is
+    not one is an EvalError naming it (path:line where JSON says where), then `hint`."""
+    hint = f"; {hint}" if hint else ""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise EvalError(f"{path}: cannot read it ({e.strerror}){hint}") from None
+    try:
+        res = json.loads(decode_utf8(path, data))
+    except EvalError as e:
+        raise EvalError(f"{e}{hint}") from None
+    except json.JSONDecodeError as e:
+        raise EvalError(f"{path}:{e.lineno}: not valid JSON ({e.msg}, column {e.colno}); "
+                        f"not a results file of evaluate.py{hint}") from None
+    problem = results_problem(res)
+    if problem:
+        raise EvalError(f"{path}: {problem}; not a results file of evaluate.py (OUT/<row>.json){hint}")
+    return res
 
 
 def write_json(path: Path, data: dict):
@@ -612,43 +802,54 @@ def write_json(path: Path, data: dict):
 
 
 def evaluate_row(args, adapter: str | None, data: dict, tok) -> dict:
-    """Generate and score every benchmark in `data` (bench -> (items, source)) for one table row."""
+    """Generate and score every benchmark in `data` (bench -> (items, source, skipped)) for one table
+    row. Its model is released before this returns (release_memory), so the next row loads onto a card
+    that holds nothing of this one."""
     label = args.student + (f" + {adapter}" if adapter else "")
     settings = dict(student=args.student, adapter=adapter, backend=args.backend, max_new_tokens=args.max_new_tokens,
                     seed=args.seed, limit=args.limit, chat_template=bool(tok.chat_template))
     path = Path(args.out) / (re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("_") + ".json")
     result = dict(label=label, settings=settings, benchmarks={})
     if path.exists():  # an earlier run of this row: keep what it finished
-        old = json.loads(path.read_text(encoding="utf-8"))
+        old = read_results(path, "move that file away or choose another --out")
         if old.get("settings") != settings:
             raise EvalError(f"{path} holds results with other settings ({old.get('settings')}); "
                             "choose another --out or move that file away")
         result["benchmarks"] = old["benchmarks"]
     todo = {}  # the benchmarks still to generate: their items with the exact prompt, and its token ids
-    for bench, (items, source) in data.items():
+    for bench, (items, source, skipped) in data.items():
         done, questions = result["benchmarks"].get(bench), [q["question"] for q in items]
-        if done and done["source"] == source and [q["question"] for q in done["items"]] == questions:
+        if done and done["source"] == source and [q["question"] for q in done["items"]] == questions \
+                and done.get("skipped", []) == skipped:
             print(f"{label} | {bench}: reused from {path}")
             continue
         items = [dict(it, prompt=format_prompt(tok, it["question"], BENCHES[bench]["kind"])) for it in items]
-        todo[bench] = items, source, encode_prompts(tok, [it["prompt"] for it in items])
+        todo[bench] = items, source, skipped, encode_prompts(tok, [it["prompt"] for it in items])
     if not todo:
         result["path"] = str(path)
         return result
-    longest = max(len(ids) for _, _, prompt_ids in todo.values() for ids in prompt_ids)  # sizes the static cache once
+    longest = max(len(ids) for *_, prompt_ids in todo.values() for ids in prompt_ids)  # sizes the static cache
     if args.backend == "vllm":
         generate = vllm_generator(args.student, adapter, tok, args.max_new_tokens, args.seed)
     else:
         generate = hf_generator(args.student, adapter, tok, args.max_new_tokens, args.batch_size, args.decode,
                                 args.compile, longest)
-    for bench, (items, source, prompt_ids) in todo.items():
-        completions, stats = generate(prompt_ids, f"{bench} ({len(items)})")
-        result["benchmarks"][bench] = {"source": source, **score(bench, items, completions), **stats}
-        result["benchmarks"] = {b: result["benchmarks"][b] for b in BENCHES if b in result["benchmarks"]}
-        write_json(path, result)  # after every benchmark: an interruption loses one benchmark at most
-        r = result["benchmarks"][bench]
-        print(f"{label} | {bench}: {r['correct']}/{r['n']} = {r['accuracy']:.2f}% ({r['unparsed']} unparsed); "
-              f"{r['new_tokens']:,} new tokens in {r['gen_seconds']:,.0f} s ({r['tokens_per_s']:,.0f} tok/s)")
+    try:
+        for bench, (items, source, skipped, prompt_ids) in todo.items():
+            completions, stats = generate(prompt_ids, f"{bench} ({len(items)})")
+            scored = score(bench, items, completions, skipped)
+            result["benchmarks"][bench] = {"source": source, **scored, **stats}
+            result["benchmarks"] = {b: result["benchmarks"][b] for b in BENCHES if b in result["benchmarks"]}
+            write_json(path, result)  # after every benchmark: an interruption loses one benchmark at most
+            r = result["benchmarks"][bench]
+            skips = f", {r['n_skipped']} rows skipped" if r["n_skipped"] else ""
+            print(f"{label} | {bench}: {r['correct']}/{r['n']} = {r['accuracy']:.2f}% ({r['unparsed']} unparsed"
+                  f"{skips}); {r['new_tokens']:,} new tokens in {r['gen_seconds']:,.0f} s "
+                  f"({r['tokens_per_s']:,.0f} tok/s)")
+    finally:  # this row's model goes before the next row's loads
+        getattr(generate, "close", lambda: None)()
+        del generate
+        release_memory()
     result["path"] = str(path)
     return result
 
@@ -810,12 +1011,7 @@ def main(argv=None) -> list[dict]:
     if args.speed_test:
         return speed_test(args)
     if args.table:
-        results = []
-        for f in args.table:
-            try:
-                results.append(json.loads(Path(f).read_text(encoding="utf-8")))
-            except (OSError, json.JSONDecodeError) as e:
-                raise EvalError(f"{f}: not a results file of evaluate.py ({e})") from None
+        results = [read_results(Path(f)) for f in args.table]
         print(markdown_table(results), end="")
         return results
     benches = list(BENCHES) if args.bench == "all" else [b.strip() for b in args.bench.split(",") if b.strip()]
@@ -827,8 +1023,11 @@ def main(argv=None) -> list[dict]:
         check_adapter(adapter)
     local = parse_local(args.local)
     data = {b: load_bench(b, local, args.seed, args.limit) for b in benches}  # bad data stops us before any model
-    for b, (items, source) in data.items():
+    for b, (items, source, skipped) in data.items():
         print(f"{b}: {len(items)} questions from {source}")
+        if skipped:
+            print(f"warning: {b}: {len(skipped)} of {len(items) + len(skipped)} rows skipped, not scored: "
+                  f"{skip_summary(skipped)}", file=sys.stderr)
     rows = ([None] if args.with_base or not args.adapter else []) + args.adapter
     Path(args.out).mkdir(parents=True, exist_ok=True)
     tok = load_tokenizer(args.student)

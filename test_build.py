@@ -235,6 +235,113 @@ def test_load_source_reads_math_layout(tmp_path):
         build.load_source(str(bad))
 
 
+# Bad lines in the files build.py reads (the source, the output it resumes, the side log): one message
+# naming file:line and what is wrong, then the way out.
+MATH_ROW = {"problem": "P1", "level": "Level 2", "type": "Algebra", "solution": "So \\boxed{3}."}
+DONE = {"id": "math-000000000001", "problem": "P1", "answer": "3", "subject": "algebra", "level": 2,
+        "rationales": {k: f"{k} reasoning. \\boxed{{3}}" for k in PERSPECTIVE_KEYS}}
+TEACHER = {"event": "teacher", "id": DONE["id"], "key": "symbolic", "try": 1, "model": "fake-teacher",
+           "finish_reason": "stop", "content": "So \\boxed{3}", "answer": "3", "reason": None, "rationale": "So"}
+JUDGE = {"event": "judge", "id": DONE["id"], "key": "symbolic", "try": 1, "model": "fake-judge",
+         "content": "VERDICT: PASS", "verdict": "PASS"}
+DROPPED = {"event": "dropped", "id": "math-000000000002", "model": "fake-teacher", "reason": "symbolic: wrong"}
+OUT_HINT = "fix or delete that line, or choose another --out"
+LOG_HINT = "fix or delete that line (what it recorded is then asked for again), or pass another --log"
+
+
+def jsonl_bytes(*lines) -> bytes:
+    """Records as JSON lines; bytes and str are written as they are."""
+    return b"".join((x if isinstance(x, bytes) else x.encode() if isinstance(x, str)
+                     else json.dumps(x, ensure_ascii=False).encode()) + b"\n" for x in lines)
+
+
+def without(record, key):
+    return {k: v for k, v in record.items() if k != key}
+
+
+PREFIX = '{"problem": "Où '  # 16 characters (17 bytes) before the bad byte: columns count characters
+CUT = '{"id": "x",'  # a record cut short: JSON's column of the error is the character after it
+BAD_LINES = [  # (reader, the file's lines, the line at fault, what the message says of it)
+    ("source", [MATH_ROW, PREFIX.encode() + b'\xc3(", "level": "Level 1"}'], 2,
+     f"not valid UTF-8 (byte 0xc3 at column {len(PREFIX) + 1})"),
+    ("source", [MATH_ROW, "", "[1, 2]"], 3, "expected a JSON object, got list"),
+    ("source", [MATH_ROW, {**MATH_ROW, "level": 2}], 2, "field 'level' must be a string, got int"),
+    ("source", [without(MATH_ROW, "solution")], 1,
+     "missing field 'solution' (MATH rows have problem, level, type, solution)"),
+    ("output", [DONE, b"\xff"], 2, f"not valid UTF-8 (byte 0xff at column 1); {OUT_HINT}"),
+    ("output", [DONE, CUT, DONE], 2,
+     f"not valid JSON (Expecting property name enclosed in double quotes, column {len(CUT) + 1}); {OUT_HINT}"),
+    ("output", [{**DONE, "id": 7}], 1, f"field 'id' must be a non-empty string, got int; {OUT_HINT}"),
+    ("output", [{**DONE, "rationales": list(PERSPECTIVE_KEYS)}], 1,
+     f"field 'rationales' must be an object with the 8 perspectives, got list; {OUT_HINT}"),
+    ("output", [DONE, {**DONE, "rationales": without(DONE["rationales"], "socratic")}], 2,
+     f"not a finished problem: 'rationales' lacks socratic; {OUT_HINT}"),
+    ("output", [{**DONE, "rationales": {**DONE["rationales"], "symbolic": None}}], 1,
+     f"the 'symbolic' rationale must be a string, got null; {OUT_HINT}"),
+    ("output", [{**DONE, "level": "2"}], 1, f"field 'level' must be an integer, got str; {OUT_HINT}"),
+    ("log", [TEACHER, b"\xfe\xff"], 2, f"not valid UTF-8 (byte 0xfe at column 1); {LOG_HINT}"),
+    ("log", [TEACHER, '"a string"'], 2, f"expected a JSON object, got str; {LOG_HINT}"),
+    ("log", [JUDGE, {**TEACHER, "try": "1"}], 2,
+     f"field 'try' of a 'teacher' record must be an integer, got str; {LOG_HINT}"),
+    ("log", [without(TEACHER, "reason")], 1, f"missing field 'reason' in a 'teacher' record; {LOG_HINT}"),
+    ("log", [{**TEACHER, "rationale": None}], 1,
+     f"a passing 'teacher' record (reason null) needs its 'rationale'; {LOG_HINT}"),
+    ("log", [{**JUDGE, "verdict": 1}], 1,
+     f"field 'verdict' of a 'judge' record must be a string or null, got int; {LOG_HINT}"),
+    ("log", [{**DROPPED, "id": None}], 1,
+     f"field 'id' of a 'dropped' record must be a string, got null; {LOG_HINT}"),
+]
+
+
+@pytest.mark.parametrize("reader, lines, line, message", BAD_LINES,
+                         ids=[f"{c[0]}-{c[3].split(' (')[0].split(';')[0]}" for c in BAD_LINES])
+def test_bad_lines_name_file_and_line(tmp_path, reader, lines, line, message):
+    path = tmp_path / f"{reader}.jsonl"
+    path.write_bytes(jsonl_bytes(*lines))
+    read = {"source": lambda: build.load_source(str(path)), "output": lambda: build.read_output(path),
+            "log": lambda: build.read_log(path)}[reader]
+    with pytest.raises(build.BuildError) as e:
+        read()
+    assert str(e.value) == f"{path}:{line}: {message}"
+
+
+def test_good_lines_still_read(tmp_path):
+    src = tmp_path / "src.jsonl"  # U+2028 inside a string is no line break; a blank problem is skipped
+    src.write_bytes(jsonl_bytes({**MATH_ROW, "problem": "P1\u2028on two lines"}, {**MATH_ROW, "problem": "  "}))
+    cands, skipped = build.load_source(str(src))
+    assert [c["problem"] for c in cands] == ["P1\u2028on two lines"] and skipped == {"empty problem": 1}
+    out = tmp_path / "out.jsonl"
+    out.write_bytes(jsonl_bytes(DONE, "", without(without(DONE, "subject"), "level")))  # both are optional
+    assert build.read_output(out) == [DONE, without(without(DONE, "subject"), "level")]
+    log = tmp_path / "log.jsonl"  # records a resume does not read back are not checked
+    other = [{"event": "retry", "id": 3, "error": None}, {"event": ["?"]}, {"no": "event"}]
+    failed = {**TEACHER, "reason": "wrong answer", "rationale": None}
+    log.write_bytes(jsonl_bytes(TEACHER, JUDGE, DROPPED, failed, *other))
+    assert build.read_log(log) == [TEACHER, JUDGE, DROPPED, failed, *other]
+    assert build.read_output(tmp_path / "none.jsonl") == [] == build.read_log(tmp_path / "none.jsonl")
+
+
+def test_bad_files_stop_the_cli_in_one_line_before_any_request(tmp_path, make_server):
+    srv = make_server(fixture_rows())
+    bad_source = tmp_path / "math.jsonl"
+    bad_source.write_bytes(jsonl_bytes(MATH_ROW, MATH_ROW, b'{"problem": "\xff"}'))
+    out, log = tmp_path / "out.jsonl", tmp_path / "out.raw.jsonl"
+    cases = [(["--source", bad_source], {}, f"{bad_source}:3: not valid UTF-8 (byte 0xff at column 14)"),
+             ([], {out: jsonl_bytes(DONE, [DONE])}, f"{out}:2: expected a JSON object, got list; {OUT_HINT}"),
+             ([], {out: jsonl_bytes(DONE), log: jsonl_bytes(TEACHER, {**TEACHER, "key": 3})},
+              f"{log}:2: field 'key' of a 'teacher' record must be a string, got int; {LOG_HINT}")]
+    for extra, files, message in cases:
+        for f in (out, log):
+            f.unlink(missing_ok=True)
+        for f, data in files.items():
+            f.write_bytes(data)
+        r = subprocess.run(build_cmd(srv.url, out, *extra), capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert r.stderr.strip().splitlines() == [f"error: {message}"]
+        assert all(f.read_bytes() == data for f, data in files.items())  # finished work untouched
+    assert srv.count() == 0  # not one problem was sent to the teacher
+
+
 def test_hub_source_reads_the_train_split_of_each_subject_config(monkeypatch):
     import datasets
     rows, calls = fixture_rows(), []

@@ -4,7 +4,7 @@ independently, the six fixture files in the Hub layouts, greedy batched generati
 
 Run: pytest -q test_evaluate.py   (about a minute on a laptop CPU)
 """
-import csv, json, subprocess, sys, threading, types
+import csv, gc, json, re, subprocess, sys, threading, types, weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -128,9 +128,9 @@ def test_markdown_table_layout_and_gains():
 @pytest.mark.parametrize("bench", list(ev.BENCHES))
 def test_fixtures_load_in_hub_layout(bench):
     local = ev.parse_local([str(FIX)])
-    items, source = ev.load_bench(bench, local, seed=0)
+    items, source, skipped = ev.load_bench(bench, local, seed=0)
     raw = fixture_rows(bench)
-    assert source == local[bench] and len(items) == len(raw) >= 5
+    assert source == local[bench] and len(items) == len(raw) >= 5 and skipped == []
     for item, row in zip(items, raw):
         if bench == "math500":
             assert item["gold"] == row["answer"] and item["question"] == row["problem"]
@@ -155,8 +155,8 @@ def test_fixtures_load_in_hub_layout(bench):
 
 def test_gpqa_shuffle_is_seeded_and_recorded():
     local = ev.parse_local([str(FIX)])
-    a, _ = ev.load_bench("gpqa", local, seed=0)
-    b, _ = ev.load_bench("gpqa", local, seed=0)
+    a, _, _ = ev.load_bench("gpqa", local, seed=0)
+    b, _, _ = ev.load_bench("gpqa", local, seed=0)
     assert [(x["gold"], x["options"]) for x in a] == [(x["gold"], x["options"]) for x in b]
     assert [x["shuffle_seed"] for x in a] == [f"0:{i}" for i in range(len(a))]
     golds_over_seeds = {ev.load_bench("gpqa", local, seed=s)[0][0]["gold"] for s in range(12)}
@@ -164,18 +164,117 @@ def test_gpqa_shuffle_is_seeded_and_recorded():
     assert len({x["gold"] for x in a}) > 1
 
 
-def test_bad_local_file_is_one_clear_message(tmp_path):
-    bad = tmp_path / "gsm8k.jsonl"
-    rows = [{"question": "1+1?", "answer": "2\n#### 2"}, {"question": "2+2?"}]  # line 2 lacks 'answer'
-    bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    r = subprocess.run([sys.executable, str(HERE / "evaluate.py"), "--bench", "gsm8k", "--local", f"gsm8k={bad}",
-                        "--out", str(tmp_path / "eval")], capture_output=True, text=True, cwd=tmp_path)
-    assert r.returncode == 2 and "Traceback" not in r.stderr
+def run_cli(*args, cwd):
+    return subprocess.run([sys.executable, str(HERE / "evaluate.py"), *map(str, args)], capture_output=True,
+                          text=True, cwd=cwd)
+
+
+def one_error_line(r) -> str:
+    """The CLI's stderr when it refuses its input: exit status 2, one line, no traceback."""
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
     lines = [l for l in r.stderr.splitlines() if l.strip()]
-    assert len(lines) == 1 and f"{bad}:2" in lines[0] and "'answer'" in lines[0]
-    r = subprocess.run([sys.executable, str(HERE / "evaluate.py"), "--bench", "math500,nope"],
-                       capture_output=True, text=True, cwd=tmp_path)
-    assert r.returncode == 2 and "Traceback" not in r.stderr and "nope" in r.stderr
+    assert len(lines) == 1, r.stderr
+    return lines[0]
+
+
+GSM = [json.dumps({"question": "1+1?", "answer": "2\n#### 2"}).encode(),
+       json.dumps({"question": "2+2?", "answer": "4\n#### 4"}).encode()]
+PREFIX = '{"question": "Où '.encode()  # 17 characters, 18 bytes: columns count characters
+NO_VALUE = '{"question": "3+3?", "answer": '  # JSON's column of the error: the character after this
+
+
+# (file name, its bytes, the line and what the message must say about it)
+BAD_FILES = [
+    ("gsm8k.jsonl", b"\n".join(GSM + [PREFIX + b'\xff?", "answer": "#### 1"}']) + b"\n",
+     3, f"not valid UTF-8 (byte 0xff at column {len(PREFIX.decode()) + 1})"),
+    ("gsm8k.jsonl", b"\n".join(GSM + [NO_VALUE.encode() + b"}"]) + b"\n",
+     3, f"not valid JSON (Expecting value, column {len(NO_VALUE) + 1})"),
+    ("gsm8k.jsonl", b"\n".join(GSM[:1] + [b"", b'["3+3?", "#### 6"]']) + b"\n",
+     3, "expected a JSON object, got list"),
+    ("gsm8k.jsonl", b"\n".join(GSM + [b'{"question": ["3+3?"], "answer": "#### 6"}']) + b"\n",
+     3, "field 'question' must be a string, got list"),
+    ("strategyqa.jsonl", b'{"question": "Is ice cold?", "answer": 1}\n',
+     1, "field 'answer' must be true/false or yes/no, got int"),
+    ("gsm8k.jsonl", b"\n".join(GSM + [b'{"question": "3+3?", "answer": "6"}']) + b"\n",
+     3, "field 'answer' has no '#### <number>' line"),  # a value that cannot be read still stops the run
+    ("gpqa.csv", b"Question,Correct Answer,Incorrect Answer 1,Incorrect Answer 2,Incorrect Answer 3\n"
+                 b"Q1?,a,b,c,d\n" b"Q2?,caf\xe9,b,c,d\n",  # Latin-1, not UTF-8
+     3, f"not valid UTF-8 (byte 0xe9 at column {len('Q2?,caf') + 1})"),
+]
+
+
+@pytest.mark.parametrize("name, data, line, message", BAD_FILES,
+                         ids=[f"{c[0]}-{c[3].split(' (')[0].split(',')[0]}" for c in BAD_FILES])
+def test_bad_local_file_is_one_line_naming_file_and_line(tmp_path, name, data, line, message):
+    bad = tmp_path / name
+    bad.write_bytes(data)
+    bench = name.split(".")[0]
+    r = run_cli("--bench", bench, "--local", f"{bench}={bad}", "--out", tmp_path / "eval", cwd=tmp_path)
+    assert one_error_line(r) == f"error: {bad}:{line}: {message}"
+    assert not (tmp_path / "eval").exists()  # refused before any model
+
+
+def test_bad_benchmark_name_and_json_array_items(tmp_path):
+    assert "nope" in one_error_line(run_cli("--bench", "math500,nope", cwd=tmp_path))
+    arr = tmp_path / "gsm8k.json"
+    arr.write_text(json.dumps([{"question": "1+1?", "answer": "#### 2"}, "2+2?"]), encoding="utf-8")
+    r = run_cli("--bench", "gsm8k", "--local", f"gsm8k={arr}", cwd=tmp_path)
+    assert one_error_line(r) == f"error: {arr}: item 2: expected a JSON object, got str"
+
+
+def test_jsonl_lines_end_at_newline_only(tmp_path):
+    """U+2028 is a line break to str.splitlines but may stand unescaped inside a JSON string; CRLF works."""
+    rows = [{"question": "Two\u2028lines: 1+1?", "answer": "#### 2"}, {"question": "2+2?", "answer": "#### 4"}]
+    f = tmp_path / "gsm8k.jsonl"
+    f.write_bytes(b"".join(json.dumps(r, ensure_ascii=False).encode() + b"\r\n" for r in rows))
+    items, _, skipped = ev.load_bench("gsm8k", {"gsm8k": str(f)}, seed=0)
+    assert [it["question"] for it in items] == [r["question"] for r in rows] and skipped == []
+
+
+def test_csv_byte_order_mark_and_unreadable_parquet(tmp_path):
+    f = tmp_path / "gpqa.csv"  # as a spreadsheet saves it: the BOM would otherwise join the first column's name
+    f.write_bytes(b"\xef\xbb\xbfRecord ID,Question,Correct Answer,Incorrect Answer 1,Incorrect Answer 2,"
+                  b"Incorrect Answer 3\r\nr1,Q1?,a,b,c,d\r\n")
+    items, _, _ = ev.load_bench("gpqa", {"gpqa": str(f)}, seed=0)
+    assert [it["id"] for it in items] == ["r1"]
+    f = tmp_path / "gsm8k.parquet"
+    f.write_bytes(b"PAR1 but cut short")
+    with pytest.raises(ev.EvalError) as e:
+        ev.read_local(f)
+    assert str(e.value).startswith(f"{f}: not a readable Parquet file (") and "\n" not in str(e.value)
+
+
+def test_bad_results_files_are_one_line(tmp_path, random_student):
+    good = {"label": "m", "settings": {"limit": 0}, "benchmarks": {"gsm8k": {
+        "source": "s", "n": 1, "correct": 1, "unparsed": 0, "accuracy": 100.0, "items": [{"question": "q"}]}}}
+    cases = [(b'{"label": "m",\n "settings": \xfe}', ":2: not valid UTF-8 (byte 0xfe at column 14)"),
+             (b'{"label": "m",\n "settings": }', ":2: not valid JSON (Expecting value, column 14); "
+                                                 "not a results file of evaluate.py"),
+             (b"[1]", ": expected a JSON object, got list; not a results file of evaluate.py (OUT/<row>.json)"),
+             (json.dumps({**good, "benchmarks": {"gsm8k": {**good["benchmarks"]["gsm8k"], "n": "1"}}}).encode(),
+              ": benchmarks.gsm8k: field 'n' is missing or not an integer; not a results file of evaluate.py "
+              "(OUT/<row>.json)")]
+    for data, message in cases:
+        f = tmp_path / "row.json"
+        f.write_bytes(data)
+        assert one_error_line(run_cli("--table", f, cwd=tmp_path)) == f"error: {f}{message}"
+    f.write_text(json.dumps(good), encoding="utf-8")  # the same file, well formed: one table
+    r = run_cli("--table", f, cwd=tmp_path)
+    assert r.returncode == 0 and "| m | – | 1/1 (0) |" in r.stdout, r.stderr
+    assert one_error_line(run_cli("--table", tmp_path / "none.json", cwd=tmp_path)) == \
+        f"error: {tmp_path / 'none.json'}: cannot read it (No such file or directory)"
+
+    # A rerun reads the row's earlier results file (to reuse it): a broken one is named, not a traceback.
+    path, _, _ = random_student
+    out = tmp_path / "eval"
+    out.mkdir()
+    row = out / (re.sub(r"[^A-Za-z0-9._-]+", "_", str(path)).strip("_") + ".json")  # OUT/<row>.json
+    row.write_bytes(b'{"label": "m", "settings": {}, "benchmarks": {"gsm8k": [1]}}')
+    with pytest.raises(ev.EvalError) as e:
+        ev.main(["--student", str(path), "--bench", "gsm8k", "--local", str(FIX), "--out", str(out)])
+    assert str(e.value) == (f"{row}: benchmarks.gsm8k: expected an object, got list; not a results file of "
+                            "evaluate.py (OUT/<row>.json); move that file away or choose another --out")
 
 
 def test_gated_gpqa_is_one_clear_message(monkeypatch):
@@ -190,6 +289,89 @@ def test_gated_gpqa_is_one_clear_message(monkeypatch):
         ev.load_bench("gpqa", {}, seed=0)
     msg = str(e.value)
     assert "\n" not in msg and "gated" in msg and "HF_TOKEN" in msg and "--local gpqa=FILE" in msg
+
+
+# Rows with an empty or missing field: skipped, counted and listed, never an abort of the benchmark.
+GPQA_HEADER = ["Record ID", "Question", "Correct Answer", "Incorrect Answer 1", "Incorrect Answer 2",
+               "Incorrect Answer 3"]
+GPQA_ROWS = [["r1", "Q1?", "right1", "w1", "w2", "w3"],
+             ["r2", "Q2?", "", "w1", "w2", "w3"],           # an empty answer cell
+             ["r3", "Q3?", "right3", "w1", "  ", "w3"],     # an empty choice cell (white space only)
+             ["r4", "Q4?", "right4", "w1", "w2", "w3"]]
+
+
+def write_csv(path, header, rows):
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        csv.writer(fh).writerows([header, *rows])
+
+
+def write_skip_fixtures(folder):
+    """A GPQA and a MATH500 file in which some rows lack a field they need; returns their paths."""
+    gpqa, math = folder / "gpqa.csv", folder / "math500.jsonl"
+    write_csv(gpqa, GPQA_HEADER, GPQA_ROWS)
+    math.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"problem": "What is 1+1?", "answer": "2", "unique_id": "m1"},
+        {"problem": "   ", "answer": "3", "unique_id": "m2"},           # a blank problem
+        {"problem": "What is 2+2?", "unique_id": "m3"},                 # no answer at all
+        {"problem": "What is 3+3?", "answer": None, "unique_id": "m4"},  # a null answer
+        {"problem": "What is 0+0?", "answer": 0, "unique_id": "m5"}]), encoding="utf-8")  # 0 is an answer
+    return gpqa, math
+
+
+def test_rows_with_empty_or_missing_fields_are_skipped_and_listed(tmp_path):
+    gpqa, math = write_skip_fixtures(tmp_path)
+    items, source, skipped = ev.load_bench("gpqa", {"gpqa": str(gpqa)}, seed=0)
+    assert source == str(gpqa) and [it["id"] for it in items] == ["r1", "r4"]
+    assert skipped == [dict(index=1, where=f"{gpqa}:3", id="r2", reason="empty field 'Correct Answer'"),
+                       dict(index=2, where=f"{gpqa}:4", id="r3", reason="empty field 'Incorrect Answer 2'")]
+    # the questions left keep their row's index, so their option shuffle is the one of the full file
+    assert [it["shuffle_seed"] for it in items] == ["0:0", "0:3"]
+    for it, row in zip(items, (GPQA_ROWS[0], GPQA_ROWS[3])):
+        assert it["options"]["ABCD".index(it["gold"])] == row[2] and sorted(it["options"]) == sorted(row[2:])
+
+    items, _, skipped = ev.load_bench("math500", {"math500": str(math)}, seed=0)
+    assert [(it["id"], it["gold"]) for it in items] == [("m1", "2"), ("m5", "0")]
+    assert [(s["where"], s["id"], s["reason"]) for s in skipped] == [
+        (f"{math}:2", "m2", "empty field 'problem'"), (f"{math}:3", "m3", "missing field 'answer'"),
+        (f"{math}:4", "m4", "empty field 'answer'")]
+    assert ev.skip_summary(skipped, shown=1) == (f"empty field 'problem' in 1 row ({math}:2); missing field "
+                                                 f"'answer' in 1 row ({math}:3); empty field 'answer' in 1 row "
+                                                 f"({math}:4)")
+
+    csqa = tmp_path / "csqa.jsonl"  # an empty choice inside CSQA's choices; StrategyQA: false is an answer
+    choices = {"label": ["A", "B", "C"], "text": ["cupboard", "", "oven"]}
+    csqa.write_text(json.dumps({"id": "c1", "question": "Cold?", "choices": choices, "answerKey": "A"}) + "\n",
+                    encoding="utf-8")
+    with pytest.raises(ev.EvalError) as e:  # its only row skipped: nothing left to score is an error
+        ev.load_bench("csqa", {"csqa": str(csqa)}, seed=0)
+    assert str(e.value) == (f"csqa: no question to score in {csqa}, all 1 rows skipped: empty choice B in field "
+                            f"'choices' in 1 row ({csqa}:1) (csqa rows follow tau/commonsense_qa: question, "
+                            "choices, answerKey)")
+    sqa = tmp_path / "strategyqa.jsonl"
+    sqa.write_text(json.dumps({"qid": "s1", "question": "Hot ice?", "answer": False}) + "\n"
+                   + json.dumps({"qid": "s2", "question": "Cold ice?", "answer": ""}) + "\n", encoding="utf-8")
+    items, _, skipped = ev.load_bench("strategyqa", {"strategyqa": str(sqa)}, seed=0)
+    assert [it["gold"] for it in items] == ["no"] and [s["id"] for s in skipped] == ["s2"]
+
+
+def test_skipped_rows_stay_out_of_the_denominator_and_show_in_the_table():
+    items = [{"gold": "3"}, {"gold": "4"}, {"gold": "5"}]
+    skipped = [dict(index=3, where="f:4", id=3, reason="empty field 'answer'"),
+               dict(index=5, where="f:6", id=5, reason="missing field 'question'")]
+    r = ev.score("gsm8k", items, ["\\boxed{3}", "no idea", "\\boxed{6}"], skipped)
+    assert (r["n_total"], r["n_scored"], r["n_skipped"], r["n"]) == (5, 3, 2, 3)
+    assert (r["correct"], r["unparsed"]) == (1, 1) and r["accuracy"] == pytest.approx(100 / 3)  # unparsed: wrong
+    assert r["skipped"] == skipped
+
+    def row(label, skips):
+        return {"label": label, "settings": {"limit": 0}, "benchmarks": {"gsm8k": {
+            "accuracy": 100 / 3, "correct": 1, "n": 3, "unparsed": 1, "n_skipped": skips}}}
+    note = "Skipped: rows with an empty or missing field"
+    table = ev.markdown_table([row("base", 0), row("tuned", 2)])
+    assert "| base | – | 1/3 (1) | – |" in table and "| tuned | – | 1/3 (1), 2 skipped | – |" in table
+    assert note in table
+    none_skipped = ev.markdown_table([row("base", 0)])
+    assert note not in none_skipped and "skipped" not in none_skipped
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -395,7 +577,7 @@ def test_vllm_path_with_a_stand_in_module(monkeypatch, tmp_path, random_student)
 
     class LLM:
         def __init__(self, **kw):
-            calls["init"] = kw
+            calls.update(init=kw, llm=weakref.ref(self))
 
         def generate(self, prompts, params, use_tqdm=True, lora_request=None):
             calls.update(prompts=prompts, params=params, lora=lora_request)
@@ -420,6 +602,9 @@ def test_vllm_path_with_a_stand_in_module(monkeypatch, tmp_path, random_student)
     assert calls["params"]["repetition_penalty"] == 1.0 and tok.eos_token_id in calls["params"]["stop_token_ids"]
     assert calls["init"]["enable_lora"] is True and calls["init"]["max_lora_rank"] == 16  # rounded up
     assert calls["lora"] == ("adapter", 1, str(adapter.resolve()))
+    assert calls["llm"]() is not None
+    gen.close()  # the next row's engine needs the GPU memory: this one lets its LLM go
+    assert calls["llm"]() is None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -490,3 +675,100 @@ def test_end_to_end_tiny_student(trained):
         for bench, b in plain_run["benchmarks"].items():
             completions = [[it["completion"] for it in r["benchmarks"][bench]["items"]] for r in (fast_run, plain_run)]
             assert b["decode"] == "plain" and completions[0] == completions[1]
+
+
+def test_skipped_rows_end_to_end(random_student, tmp_path, capsys):
+    """main(): one warning per benchmark with skipped rows, the counts in the results file and the table,
+    a rerun that reuses them, and a fixed row that is scored on the next run."""
+    path, _, _ = random_student
+    gpqa, math = write_skip_fixtures(tmp_path)
+    argv = ["--student", str(path), "--bench", "math500,gpqa", "--local", str(tmp_path), "--max-new-tokens", "2",
+            "--batch-size", "4", "--out", str(tmp_path / "eval")]
+    [res] = ev.main(argv)
+    out, err = capsys.readouterr()
+    assert [l for l in err.splitlines() if l.startswith("warning:")] == [
+        f"warning: math500: 3 of 5 rows skipped, not scored: empty field 'problem' in 1 row ({math}:2); "
+        f"missing field 'answer' in 1 row ({math}:3); empty field 'answer' in 1 row ({math}:4)",
+        f"warning: gpqa: 2 of 4 rows skipped, not scored: empty field 'Correct Answer' in 1 row ({gpqa}:3); "
+        f"empty field 'Incorrect Answer 2' in 1 row ({gpqa}:4)"]
+    assert "unparsed, 3 rows skipped)" in out and "unparsed, 2 rows skipped)" in out
+    saved = json.loads(Path(res["path"]).read_text(encoding="utf-8"))
+    for bench, total, skipped_ids in (("math500", 5, ["m2", "m3", "m4"]), ("gpqa", 4, ["r2", "r3"])):
+        b = saved["benchmarks"][bench]
+        n_skipped = len(skipped_ids)
+        assert (b["n_total"], b["n_skipped"], b["n_scored"]) == (total, n_skipped, total - n_skipped)
+        assert b["n"] == b["n_scored"] == len(b["items"]) and [s["id"] for s in b["skipped"]] == skipped_ids
+        assert all(s["reason"].startswith(("empty field", "missing field")) for s in b["skipped"])
+        assert b["accuracy"] == pytest.approx(100 * sum(it["correct"] for it in b["items"]) / b["n_scored"])
+    table = (tmp_path / "eval" / "table.md").read_text(encoding="utf-8")
+    counts = next(l for l in table.splitlines() if l.startswith(f"| {path} | ") and "/" in l.split("|")[2])
+    cells = [c.strip() for c in counts.strip("|").split("|")]
+    b = saved["benchmarks"]
+    assert cells[1] == f"{b['math500']['correct']}/2 ({b['math500']['unparsed']}), 3 skipped"
+    assert cells[6] == f"{b['gpqa']['correct']}/2 ({b['gpqa']['unparsed']}), 2 skipped"
+    assert cells[2] == "–" and "Skipped: rows with an empty or missing field" in table
+
+    ev.main(argv)  # the same files: both benchmarks reused, skipped rows and all
+    assert capsys.readouterr().out.count("reused") == 2
+    rows = [list(r) for r in GPQA_ROWS]
+    rows[1][2] = "right2"  # the empty answer cell filled in: that question is asked now
+    write_csv(gpqa, GPQA_HEADER, rows)
+    [res] = ev.main(argv)
+    assert capsys.readouterr().out.count("reused") == 1
+    g = res["benchmarks"]["gpqa"]
+    assert (g["n_total"], g["n_scored"], g["n_skipped"]) == (4, 3, 1)
+    assert [s["id"] for s in g["skipped"]] == ["r3"]
+
+
+def test_release_memory_collects_then_empties_the_cuda_cache(monkeypatch):
+    calls = []
+    monkeypatch.setattr(gc, "collect", lambda *a: calls.append("collect") or 0)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append("empty_cache"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    ev.release_memory()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    ev.release_memory()
+    assert calls == ["collect", "empty_cache", "collect"]
+
+
+def test_each_row_frees_its_model_before_the_next_loads(trained, tmp_path, monkeypatch):
+    """Two rows (the base student, then student + adapter). On CUDA, transformers keeps the compiled decoding
+    step on the model (model._compiled_call = torch.compile(model.__call__)): a cycle through the model. The
+    loader below makes that cycle on the CPU too, and records, when the second row loads its model, whether
+    the first row's is still alive. Python's collector is off and evaluate.py's gc.collect() calls are
+    recorded but do nothing: only letting go of every reference frees the model in time."""
+    real_load, real_collect = ev.load_model, gc.collect
+    student, adapter = trained / "run" / "tiny-student", trained / "run" / "adapter"
+
+    probe = real_load(str(student), None)  # the cycle is real: reference counting alone does not free it
+    probe.get_compiled_call(None)
+    probe_ref = weakref.ref(probe)
+    del probe
+    assert probe_ref() is not None
+    real_collect()
+    assert probe_ref() is None
+
+    models, seen, collects = [], [], []
+
+    def load(student, adapter):
+        seen.append(dict(adapter=adapter, alive=[m() is not None for m in models], collects=len(collects)))
+        model = real_load(student, adapter)
+        model.get_compiled_call(None)  # what generate() does on CUDA; nothing is compiled until it is called
+        models.append(weakref.ref(model))
+        return model
+    monkeypatch.setattr(ev, "load_model", load)
+    monkeypatch.setattr(gc, "collect", lambda *a, **k: collects.append(1) or 0)
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        ev.main(["--student", str(student), "--adapter", str(adapter), "--with-base", "--bench", "gsm8k",
+                 "--local", f"gsm8k={FIX / 'gsm8k.jsonl'}", "--limit", "2", "--max-new-tokens", "2",
+                 "--batch-size", "2", "--out", str(tmp_path / "eval")])
+        alive_at_end = [m() is not None for m in models]
+    finally:
+        if was_enabled:
+            gc.enable()
+    assert [s["adapter"] for s in seen] == [None, str(adapter)]
+    assert seen[1]["alive"] == [False]  # the base row's model was gone when the adapter row loaded its own
+    assert seen[1]["collects"] >= 1     # and a collection was asked for in between (then the CUDA cache emptied)
+    assert alive_at_end == [False, False]

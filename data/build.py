@@ -125,13 +125,7 @@ def load_source(source: str):
         path = Path(source)
         if not path.is_file():
             raise BuildError(f"{source}: no such file")
-        with open(path, encoding="utf-8") as fh:
-            for n, line in enumerate(fh, 1):
-                if line.strip():
-                    try:
-                        records.append((f"{path}:{n}", None, json.loads(line)))
-                    except json.JSONDecodeError as e:
-                        raise BuildError(f"{path}:{n}: not valid JSON ({e.msg}, column {e.colno})") from None
+        records = [(where, None, rec) for where, rec in read_jsonl(path)]
     else:
         try:
             import datasets
@@ -151,15 +145,20 @@ def load_source(source: str):
         if not isinstance(rec, dict):
             raise BuildError(f"{where}: expected a JSON object, got {type(rec).__name__}")
         for key in ("problem", "level", "type", "solution"):
-            if not isinstance(rec.get(key), str):
-                raise BuildError(f"{where}: field {key!r} is missing or not a string")
+            if key not in rec:
+                raise BuildError(f"{where}: missing field {key!r} "
+                                 "(MATH rows have problem, level, type, solution)")
+            if not isinstance(rec[key], str):
+                raise BuildError(f"{where}: field {key!r} must be a string, got {type(rec[key]).__name__}")
         if subject is None:
             subject = SUBJECT_OF_TYPE.get(rec["type"].strip())
             if subject is None:
                 raise BuildError(f"{where}: unknown type {rec['type']!r} (expected one of: {', '.join(SUBJECT_OF_TYPE)})")
         level = re.fullmatch(r"Level (\d)", rec["level"].strip())
         answer = last_boxed(rec["solution"])
-        if not level or not 1 <= int(level[1]) <= 5:
+        if not rec["problem"].strip():
+            skipped["empty problem"] += 1  # nothing to ask the teacher
+        elif not level or not 1 <= int(level[1]) <= 5:
             skipped["level is not 'Level 1'..'Level 5'"] += 1  # MATH has a few 'Level ?' problems
         elif not answer or not answer.strip():
             skipped["no \\boxed{} answer in the solution"] += 1
@@ -334,34 +333,100 @@ class Appender:
         os.close(self.fd)
 
 
+def read_jsonl(path: Path, hint: str = "") -> list[tuple[str, dict]]:
+    """(path:line, record) for each non-blank line of a JSON Lines file. A line that is not UTF-8, not
+    JSON, or JSON but not an object is a BuildError naming path:line and what is wrong, then `hint`.
+    Lines end at \\n only: a U+2028 inside a JSON string does not split a record."""
+    data, hint = path.read_bytes(), f"; {hint}" if hint else ""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:  # all before e.start decodes: the decoder stops at the first bad byte
+        line, start = data.count(b"\n", 0, e.start) + 1, data.rfind(b"\n", 0, e.start) + 1
+        column = len(data[start:e.start].decode("utf-8")) + 1
+        raise BuildError(f"{path}:{line}: not valid UTF-8 (byte 0x{data[e.start]:02x} at column {column})"
+                         + hint) from None
+    records = []
+    for n, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise BuildError(f"{path}:{n}: not valid JSON ({e.msg}, column {e.colno}){hint}") from None
+        if not isinstance(record, dict):
+            raise BuildError(f"{path}:{n}: expected a JSON object, got {type(record).__name__}{hint}")
+        records.append((f"{path}:{n}", record))
+    return records
+
+
+def _type_name(value) -> str:
+    return "null" if value is None else type(value).__name__
+
+
 def read_output(path: Path) -> list[dict]:
     """Rows already built (resume). A bad line is the user's to fix: we never delete finished work."""
+    if not path.exists():
+        return []
+    hint = "fix or delete that line, or choose another --out"
     rows = []
-    if path.exists():
-        with open(path, encoding="utf-8") as fh:
-            for n, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                    assert isinstance(row, dict) and isinstance(row["id"], str)
-                    assert set(row["rationales"]) == set(PERSPECTIVE_KEYS)
-                except (ValueError, KeyError, TypeError, AssertionError):
-                    raise BuildError(f"{path}:{n}: not a finished problem (JSON with 'id' and all 8 rationales); "
-                                     "fix or delete that line, or choose another --out") from None
-                rows.append(row)
+    for where, row in read_jsonl(path, hint):
+        def bad(what):
+            return BuildError(f"{where}: {what}; {hint}")
+        if not isinstance(row.get("id"), str) or not row["id"]:
+            raise bad(f"field 'id' must be a non-empty string, got {_type_name(row.get('id'))}")
+        rationales = row.get("rationales")
+        if not isinstance(rationales, dict):
+            raise bad(f"field 'rationales' must be an object with the {len(PERSPECTIVE_KEYS)} "
+                      f"perspectives, got {_type_name(rationales)}")
+        missing = [k for k in PERSPECTIVE_KEYS if k not in rationales]
+        unknown = [k for k in rationales if k not in PERSPECTIVE_KEYS]
+        if missing:
+            raise bad(f"not a finished problem: 'rationales' lacks {', '.join(missing)}")
+        if unknown:
+            raise bad(f"'rationales' has unknown perspective(s) {', '.join(map(repr, unknown))}")
+        for key, text in rationales.items():
+            if not isinstance(text, str):
+                raise bad(f"the {key!r} rationale must be a string, got {_type_name(text)}")
+        # Not needed to resume, but counted in the quotas (subject, level) or read by mind.py.
+        for key, types, what in (("problem", str, "a string"), ("answer", str, "a string"),
+                                 ("subject", str, "a string"), ("level", int, "an integer")):
+            if key in row and (not isinstance(row[key], types) or isinstance(row[key], bool)):
+                raise bad(f"field {key!r} must be {what}, got {_type_name(row[key])}")
+        rows.append(row)
     return rows
 
 
+# The fields of the side log that a resume reads back, by event: (field, type, what, may be null).
+# Each must be there; those marked may be null.
+_TRY = (("id", str, "a string", False), ("key", str, "a string", False), ("try", int, "an integer", False))
+LOG_FIELDS = {
+    "teacher": _TRY + (("reason", str, "a string", True), ("rationale", str, "a string", True)),
+    "judge": _TRY + (("verdict", str, "a string", True),),
+    "dropped": (("id", str, "a string", False),),
+}
+
+
 def read_log(path: Path) -> list[dict]:
+    """The side log (resume): tries already paid for are replayed from it, so a line it cannot read is
+    named rather than guessed at. Records of other events (retries) are kept but not checked."""
+    if not path.exists():
+        return []
+    hint = "fix or delete that line (what it recorded is then asked for again), or pass another --log"
     records = []
-    if path.exists():
-        with open(path, encoding="utf-8") as fh:
-            for line in fh:
-                try:
-                    records.append(json.loads(line))
-                except ValueError:
-                    pass  # the log is a cache and a record of what was said; a bad line costs one request
+    for where, rec in read_jsonl(path, hint):
+        event = rec.get("event")
+        for key, types, what, nullable in LOG_FIELDS.get(event, ()) if isinstance(event, str) else ():
+            if key not in rec:
+                raise BuildError(f"{where}: missing field {key!r} in a {event!r} record; {hint}")
+            value = rec[key]
+            if (value is None and not nullable) or (value is not None and (not isinstance(value, types)
+                                                                          or isinstance(value, bool))):
+                raise BuildError(f"{where}: field {key!r} of a {event!r} record must be {what}"
+                                 f"{' or null' if nullable else ''}, got {_type_name(value)}; {hint}")
+        if event == "teacher" and rec["reason"] is None and rec["rationale"] is None:
+            raise BuildError(f"{where}: a passing 'teacher' record (reason null) needs its "
+                             f"'rationale'; {hint}")
+        records.append(rec)
     return records
 
 
