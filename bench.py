@@ -25,8 +25,10 @@ Usage:
   python bench.py                      # one GPU: both shapes, 512 and 1024 tokens, mind and naive
   python bench.py --shapes 1.5b --lens 512 --steps 5
   python bench.py --tiny               # the same code on CPU in seconds (kept alive by the tests)
+  python bench.py --report R.md --steps-file S.tsv --bench-json A.json B.json   # gpu_check.sh's report
 """
-import argparse, json, statistics, time
+import argparse, datetime, json, platform, statistics, subprocess, time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -324,7 +326,20 @@ def main(argv=None):
     p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=d.grad_checkpointing,
                    help="default: mind.py's (on for 7B, off for 1.5B)")
     p.add_argument("--out", default="bench.json")
+    p.add_argument("--report", metavar="MD", help="write gpu_check.sh's Markdown report (device, the "
+                   "steps of --steps-file, the tables of --bench-json) to MD and exit; runs no benchmark")
+    p.add_argument("--steps-file", metavar="TSV", help="with --report: one line per step, tab-separated: "
+                   "name, exit status (or 'not run: why'), wall s, limit s, log file, command")
+    p.add_argument("--bench-json", nargs="*", default=[], metavar="JSON",
+                   help="with --report: --out files of bench.py")
     args = p.parse_args(argv)
+    if args.report:
+        steps = read_steps(args.steps_file) if args.steps_file else []
+        text = gpu_report(device_info(), steps, {f: read_json(f) for f in args.bench_json})
+        Path(args.report).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.report).write_text(text, encoding="utf-8")
+        print(f"wrote {args.report}")
+        return text
     if args.tiny:
         args.shapes, args.lens, args.steps, args.warmup, args.batch = ["tiny"], [96], 1, 1, 2
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
@@ -335,8 +350,8 @@ def main(argv=None):
     if args.tiny:
         diff = same_losses("tiny", device)
         print(f"mind and naive steps agree on the losses: max difference {diff:.2e}")
-    print("| shape | max len | step | s/step | tokens/s | peak GiB | executed FLOPs | useful FLOPs | paths selected | padding |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
+    print(TABLE_HEAD)
     beta = mind.Config.beta
     rows = []
     for shape in args.shapes:
@@ -347,9 +362,15 @@ def main(argv=None):
                 r["method"] = method
                 rows.append(r)
                 print(format_row(r), flush=True)
-    with open(args.out, "w") as fh:
-        json.dump({"device": str(device), "peak_flops": peak, "rows": rows}, fh, indent=1)
+                with open(args.out, "w") as fh:  # after every case: a run cut short keeps its rows
+                    json.dump({"device": str(device), "device_name": name, "dtype": str(dtype),
+                               "peak_flops": peak, "rows": rows}, fh, indent=1)
     return rows
+
+
+TABLE_HEAD = ("| shape | max len | step | s/step | tokens/s | peak GiB | executed FLOPs | useful FLOPs "
+              "| paths selected | padding |\n|---|---|---|---|---|---|---|---|---|---|")
+
 
 def format_row(r) -> str:
     head = f"| {r['shape']} | {r['len']} | {r['method']} (beta {r['beta']:g}) |"
@@ -358,6 +379,98 @@ def format_row(r) -> str:
     mem = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}"
     return (head + f" {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | {mem} | {100 * r['mfu']:.0f}% | {100 * r['useful_mfu']:.0f}% | "
             f"{r['selected_per_problem']:.1f} | {100 * r['padding']:.0f}% |")
+
+
+# ---------------------------------------------------------------- gpu_check.sh's report
+def device_info() -> dict:
+    """The machine and the software versions, for the report's first lines."""
+    import peft, transformers
+    query = ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"]
+    try:
+        smi = subprocess.run(query, capture_output=True, text=True, timeout=30)
+        gpus = [line.strip() for line in smi.stdout.splitlines() if line.strip()]
+        gpu = "; ".join(gpus) or f"nvidia-smi: exit {smi.returncode}"
+    except (OSError, subprocess.TimeoutExpired) as e:
+        gpu = f"nvidia-smi failed ({e.__class__.__name__}: {e})"
+    seen = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device"
+    return {"gpu": gpu, "torch_sees": seen, "torch": torch.__version__, "cuda": torch.version.cuda or "none",
+            "transformers": transformers.__version__, "peft": peft.__version__,
+            "python": platform.python_version()}
+
+
+def read_steps(path) -> list[dict]:
+    """gpu_check.sh's steps file -> one dict per step, with the last lines of its log."""
+    steps = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        name, status, seconds, limit, log, command = line.split("\t", 5)
+        tail = None
+        if log and Path(log).is_file():
+            tail = "\n".join(Path(log).read_text(encoding="utf-8", errors="replace").splitlines()[-20:])
+        steps.append({"name": name, "status": int(status) if status.lstrip("-").isdigit() else status,
+                      "seconds": float(seconds) if seconds else None, "limit": limit, "log": log,
+                      "command": command, "tail": tail})
+    return steps
+
+
+def read_json(path):
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def status_text(step: dict) -> str:
+    status = step["status"]
+    if isinstance(status, str):  # a step the script did not run says why
+        return status
+    if status == 0:
+        return "ok"
+    if status in (124, 137):  # timeout's exit status, and that of a process it had to kill
+        return f"timed out (limit {step['limit']} s)"
+    return f"failed (exit {status})"
+
+
+def gpu_report(device: dict, steps: list[dict], benches: dict) -> str:
+    """The Markdown report of gpu_check.sh: the device and versions, each step's status and wall
+    time, bench.py's tables (benches: file -> its JSON, None where not written), the logs' last lines."""
+    cell = lambda text: str(text).replace("|", "\\|")
+    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    ok = sum(s["status"] == 0 for s in steps)
+    out = [f"# GPU check, {when}", "",
+           f"- device: {device['gpu']} (PyTorch sees: {device['torch_sees']})",
+           f"- software: torch {device['torch']} (CUDA {device['cuda']}), "
+           f"transformers {device['transformers']}, peft {device['peft']}, Python {device['python']}",
+           f"- steps: {ok} of {len(steps)} ok", "",
+           "## Steps", "", "| step | command | status | wall s |", "|---|---|---|---|"]
+    for s in steps:
+        wall = "-" if s["seconds"] is None else f"{s['seconds']:.1f}"
+        out.append(f"| {cell(s['name'])} | `{cell(s['command'])}` | {cell(status_text(s))} | {wall} |")
+    out += ["", "## bench.py", ""]
+    for path, data in benches.items():
+        if data is None:
+            out += [f"`{path}`: not written (see its step's log below)", ""]
+            continue
+        out += [f"`{path}`: {data.get('device_name', data['device'])}, measured matmul peak "
+                f"{data['peak_flops'] / 1e12:.3g} TFLOP/s ({data.get('dtype', '?')})", "", TABLE_HEAD,
+                *map(format_row, data["rows"]), "",
+                "GFLOP per step: executed (attention by formula), its attention part, and what "
+                "FlopCounterMode itself recorded for attention (left out):", "",
+                "| shape | max len | step | executed | attention | counter's attention |",
+                "|---|---|---|---|---|---|"]
+        for r in data["rows"]:
+            gflop = [f"{r[k] / 1e9:,.1f}" if k in r else "-"
+                     for k in ("flops", "attention_flops", "counter_attention_flops")]
+            out.append(f"| {r['shape']} | {r['len']} | {r['method']} | " + " | ".join(gflop) + " |")
+        out.append("")
+    out += ["## Logs (last 20 lines of each step)", ""]
+    for s in steps:
+        body = s.get("tail")
+        if body is None:
+            body = f"(no log at {s.get('log') or '-'})"
+        out += [f"### {s['name']}", "", "```", body, "```", ""]
+    return "\n".join(out)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,8 @@
-"""Tests for bench.py's FLOP accounting, on the CPU: pytest -q test_bench.py"""
+"""Tests for bench.py's FLOP accounting and gpu_check.sh (its report, its refusal without a GPU), on the
+CPU: pytest -q test_bench.py"""
+import json, os, subprocess
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -8,6 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import bench
 import mind
 
+HERE = Path(__file__).resolve().parent
 CPU = torch.device("cpu")
 aten = torch.ops.aten
 
@@ -84,9 +89,10 @@ def test_executed_flops_do_not_depend_on_what_the_counter_knows_about_attention(
     registry = dict(flop_counter.flop_registry)
     without = {k: v for k, v in registry.items() if not bench.is_attention_op(k)}  # torch 2.11 and varlen
     assert len(without) < len(registry)
+    # a torch that knew the CPU flash kernel, with the formulas it has for the CUDA one
     fwd, bwd = aten._scaled_dot_product_flash_attention, aten._scaled_dot_product_flash_attention_backward
-    knows_cpu = {**registry, aten._scaled_dot_product_flash_attention_for_cpu: registry[fwd],  # a torch that
-                 aten._scaled_dot_product_flash_attention_for_cpu_backward: registry[bwd]}  # knew it
+    knows_cpu = {**registry, aten._scaled_dot_product_flash_attention_for_cpu: registry[fwd],
+                 aten._scaled_dot_product_flash_attention_for_cpu_backward: registry[bwd]}
     for method, step in steps.items():
         with FlopCounterMode(display=False) as plain:  # the counter alone, as bench.py counted before
             step()
@@ -135,3 +141,59 @@ def test_varlen_calls_count_by_formula_from_the_sequence_starts(monkeypatch):
     with torch.no_grad():
         assert bench.executed_flops(call)["flops"] == 544  # no backward, no backward FLOPs
     assert mind.varlen_attn is fake_varlen  # put back on exit
+
+
+# ---------------------------------------------------------------- gpu_check.sh and its report
+def test_gpu_report_names_the_device_and_has_each_steps_status_and_the_bench_rows(tmp_path):
+    rows = bench.main(["--tiny", "--methods", "mind", "naive", "--out", str(tmp_path / "bench.json")])
+    assert json.loads((tmp_path / "bench.json").read_text())["rows"] == json.loads(json.dumps(rows))
+    logs = {name: tmp_path / f"{name}.log" for name in ("tests", "bench-1.5b", "bench-7b", "speed-test")}
+    for name, log in logs.items():
+        log.write_text("".join(f"{name} line {i}\n" for i in range(30)))
+    lines = [("tests", "0", "12.5", "170", "python -m pytest -q"),
+             ("bench-1.5b", "0", "80.0", "140", "python bench.py --shapes 1.5b"),
+             ("bench-7b", "1", "20.3", "80", "python bench.py --shapes 7b"),
+             ("oom-check", "not run: oom_check.py missing", "", "40", "python oom_check.py"),
+             ("speed-test", "124", "100.0", "100", "python evaluate.py --speed-test")]
+    tsv = tmp_path / "steps.tsv"  # as gpu_check.sh writes it: name, status, wall, limit, log, command
+    tsv.write_text("".join(f"{n}\t{st}\t{w}\t{lim}\t{logs[n] if n in logs else ''}\t{c}\n"
+                           for n, st, w, lim, c in lines))
+    device = {"gpu": "NVIDIA H200, 143771 MiB, 570.86", "torch_sees": "NVIDIA H200",
+              "torch": "2.13.0+cu128", "cuda": "12.8", "transformers": "5.24.0", "peft": "0.21.2",
+              "python": "3.11.7"}
+    missing = str(tmp_path / "bench_7b.json")
+    md = bench.gpu_report(device, bench.read_steps(tsv), {str(tmp_path / "bench.json"): bench.read_json(
+        tmp_path / "bench.json"), missing: bench.read_json(missing)})
+    assert "- device: NVIDIA H200, 143771 MiB, 570.86 (PyTorch sees: NVIDIA H200)" in md
+    assert "torch 2.13.0+cu128 (CUDA 12.8), transformers 5.24.0, peft 0.21.2" in md
+    assert "- steps: 2 of 5 ok" in md
+    for want in ("| tests | `python -m pytest -q` | ok | 12.5 |",
+                 "| bench-7b | `python bench.py --shapes 7b` | failed (exit 1) | 20.3 |",
+                 "| oom-check | `python oom_check.py` | not run: oom_check.py missing | - |",
+                 "| speed-test | `python evaluate.py --speed-test` | timed out (limit 100 s) | 100.0 |",
+                 f"`{missing}`: not written"):
+        assert want in md, want
+    for r in rows:  # bench's table row and the FLOP row of each case
+        cells = f"{r['method']} (beta 0.9) | {r['step_s']:.3f} | {r['tokens_per_s']:,.0f}"
+        assert f"| tiny | 96 | {cells} |" in md
+        gflop = [f"{r[k] / 1e9:,.1f}" for k in ("flops", "attention_flops", "counter_attention_flops")]
+        assert f"| tiny | 96 | {r['method']} | {' | '.join(gflop)} |" in md
+    assert "speed-test line 29" in md and "speed-test line 10" in md  # the last 20 lines of a log
+    assert "speed-test line 9" not in md
+    # the command line: the same report, with this machine's versions
+    text = bench.main(["--report", str(tmp_path / "r.md"), "--steps-file", str(tsv), "--bench-json",
+                       str(tmp_path / "bench.json")])
+    assert (tmp_path / "r.md").read_text() == text
+    assert f"torch {torch.__version__} " in text and "PyTorch sees: no CUDA device" in text
+    assert "| bench-1.5b | `python bench.py --shapes 1.5b` | ok | 80.0 |" in text
+
+
+def test_gpu_check_refuses_at_once_without_a_cuda_device(tmp_path):
+    script = HERE / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0  # the whole script parses
+    report = tmp_path / "out" / "report.md"
+    done = subprocess.run(["bash", str(script), str(report)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, cwd=tmp_path)
+    assert done.returncode == 1
+    assert done.stdout == "" and len(done.stderr.splitlines()) == 1 and "no CUDA device" in done.stderr
+    assert not (tmp_path / "out").exists()  # no step ran, nothing was written
