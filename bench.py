@@ -13,7 +13,8 @@ shapes, bf16, LoRA r16 on all linear layers, AdamW; 4 problems x 8 paths. Report
 step time after warm-up, tokens/s (real tokens of all 32 paths, padding excluded), peak GPU memory,
 two shares of the measured bf16 matmul peak, and the padding a single batch of the 32 paths would have:
   executed  the FLOPs PyTorch dispatched (FlopCounterMode over one extra step): padding, backward,
-            recomputation and the second pass all count;
+            recomputation and the second pass all count; attention by attention_flops (below), the
+            same on every torch version and kernel, the rest as FlopCounterMode counts it;
   useful    the FLOPs the method needs, the same formula for both steps: a forward over every real
             token of every path, and a backward (activation gradients only: the base weights are
             frozen) over the selected paths; 2 * P per token and pass for the P weights of the
@@ -24,8 +25,10 @@ Usage:
   python bench.py                      # one GPU: both shapes, 512 and 1024 tokens, mind and naive
   python bench.py --shapes 1.5b --lens 512 --steps 5
   python bench.py --tiny               # the same code on CPU in seconds (kept alive by the tests)
+  python bench.py --report R.md --steps-file S.tsv --bench-json A.json B.json   # gpu_check.sh's report
 """
-import argparse, json, statistics, time
+import argparse, datetime, json, platform, statistics, subprocess, time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -61,12 +64,113 @@ def useful_flops(shape: str, problems, mask) -> float:
     h, L = c["hidden_size"], c["num_hidden_layers"]
     kv = c["num_key_value_heads"] * h // c["num_attention_heads"]                # k and v widths
     P = L * (2 * h * h + 2 * h * kv + 3 * h * c["intermediate_size"])  # q, o; k, v; gate, up, down
+    heads = c["num_attention_heads"]
     def fwd(p):
         n, labels = len(p[0]), len(p[0]) - p[1]
-        return 2 * P * n + 2 * L * h * n * n + 2 * h * c["vocab_size"] * labels
+        attention = L * attention_flops(n, n, heads, h // heads)
+        return 2 * P * n + attention + 2 * h * c["vocab_size"] * labels
     sel = mask.flatten().tolist()
     flat = [p for pp in problems for p in pp]
     return sum(fwd(p) for p in flat) + sum(fwd(p) for p, s in zip(flat, sel) if s)
+
+
+# ---------------------------------------------------------------- attention FLOPs, by closed form
+# What FlopCounterMode says about attention depends on the torch version and on the kernel that ran:
+# torch 2.11 has no formula for varlen attention (it counted 0 for mind's packed passes on CUDA), 2.13
+# has none for the CPU flash kernel, the formulas it has count causal attention as dense, and SDPA's
+# math kernel (3-D inputs on the CPU, for one) shows up as plain bmm. So the executed total takes
+# every attention call from attention_flops and leaves out whatever the counter recorded for it.
+ATTENTION_OPS = ("attention", "varlen_attn")  # in the names of the ops torch counts attention under
+
+
+def is_attention_op(op) -> bool:
+    return any(word in str(op) for word in ATTENTION_OPS)
+
+
+def attention_flops(q_len: int, k_len: int, heads: int, d_qk: int, d_v: int | None = None,
+                    causal: bool = True) -> int:
+    """Forward FLOPs of one attention over one sequence: S = Q K^T and O = P V, two FLOPs per
+    multiply-add, for each query head (key/value heads shared by GQA change nothing), halved when
+    causal. The backward costs BACKWARD times the forward. This is the FlashAttention-2 paper's
+    accounting (Dao 2023, Sec. 4.1; `flops()` in flash-attention's
+    benchmarks/benchmark_flash_attention.py): forward 4 * n^2 * d * heads, divided by 2 if causal (a
+    causal kernel skips the blocks above the diagonal), backward 2.5x: five n x n x d matmuls (S
+    recomputed, then dV, dP, dQ, dK) against the forward's two. Softmax and scaling are not counted.
+    A call with an explicit mask (the padded batches) counts dense: such kernels compute every score."""
+    dense = 2 * q_len * k_len * (d_qk + (d_qk if d_v is None else d_v)) * heads
+    return dense // 2 if causal else dense
+
+
+BACKWARD = 2.5
+
+
+def counted_flops(counter: FlopCounterMode, attention: bool) -> int:
+    """The counter's total so far over the ops named like attention (attention=True) or the others."""
+    counts = counter.get_flop_counts().get("Global", {})
+    return sum(v for k, v in counts.items() if is_attention_op(k) == attention)
+
+
+class AttentionCount:
+    """Inside a FlopCounterMode: every attention call's FLOPs by attention_flops, and how many FLOPs the
+    counter recorded as plain matmuls during such calls (`as_matmuls`), so that executed_flops can put
+    the one in place of the other.
+
+    While active it wraps F.scaled_dot_product_attention (transformers' SDPA, mind's per-path SDPA,
+    MetaNet's nn.MultiheadAttention) and mind.varlen_attn (mind's packed passes on CUDA). A call's
+    forward counts when it runs, checkpoint recomputation included, and its backward when autograd
+    reaches its output (a hook): once per backward, and never for a recomputed output, whose graph
+    autograd does not walk. That is how the counter sees the other ops too."""
+
+    def __init__(self, counter: FlopCounterMode):
+        self.counter, self.flops, self.as_matmuls = counter, 0, 0
+
+    def __enter__(self):
+        self.saved = sdpa, varlen = F.scaled_dot_product_attention, mind.varlen_attn
+
+        def counted_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, **kw):
+            n, d, m = *query.shape[-2:], key.shape[-2]  # (..., n, d): batch and heads in front
+            fwd = query.shape[:-2].numel() * attention_flops(n, m, 1, d, value.shape[-1], is_causal)
+            return self.run(fwd, sdpa, query, key, value, attn_mask, dropout_p, is_causal, **kw)
+
+        def counted_varlen(query, key, value, cu_seq_q, cu_seq_k, *args, **kw):  # (N, heads, d)
+            causal = tuple(kw.get("window_size", (-1, -1)))[1] == 0  # mind asks for (-1, 0): causal
+            q_at, k_at = cu_seq_q.tolist(), (cu_seq_q if cu_seq_k is None else cu_seq_k).tolist()
+            _, heads, d = query.shape
+            fwd = sum(attention_flops(q1 - q0, k1 - k0, heads, d, value.shape[2], causal)
+                      for q0, q1, k0, k1 in zip(q_at, q_at[1:], k_at, k_at[1:]))
+            return self.run(fwd, varlen, query, key, value, cu_seq_q, cu_seq_k, *args, **kw)
+
+        F.scaled_dot_product_attention = counted_sdpa
+        if varlen is not None:
+            mind.varlen_attn = counted_varlen
+        return self
+
+    def __exit__(self, *exc):
+        F.scaled_dot_product_attention, mind.varlen_attn = self.saved
+
+    def run(self, fwd: int, fn, *args, **kw):
+        before = counted_flops(self.counter, attention=False)
+        out = fn(*args, **kw)
+        plain = counted_flops(self.counter, attention=False) - before  # > 0: it ran as bmm (math kernel)
+        self.flops, self.as_matmuls = self.flops + fwd, self.as_matmuls + plain
+        if isinstance(out, torch.Tensor) and out.requires_grad:
+            out.register_hook(lambda grad: self.backward(fwd, plain))
+        return out
+
+    def backward(self, fwd: int, plain: int) -> None:
+        # the counter counts a matmul's backward as two matmuls of its size (q, k and v need gradients)
+        self.flops, self.as_matmuls = self.flops + int(BACKWARD * fwd), self.as_matmuls + 2 * plain
+
+
+def executed_flops(step) -> dict:
+    """Runs step() once under FlopCounterMode -> {flops: everything executed, attention by formula;
+    attention_flops: that formula's part; counter_attention_flops: what the counter itself recorded for
+    attention (its attention ops plus the matmuls of math-kernel calls), left out of flops}."""
+    with FlopCounterMode(display=False) as counter, AttentionCount(counter) as attention:
+        step()
+    by_counter = counted_flops(counter, attention=True) + attention.as_matmuls
+    return {"flops": counter.get_total_flops() - by_counter + attention.flops,
+            "attention_flops": attention.flops, "counter_attention_flops": by_counter}
 
 
 def padding(problems, method: str, cfg: mind.Config) -> float:
@@ -189,8 +293,8 @@ def run_case(shape, max_len, method, beta, args, device, dtype, peak):
             sync(device)
             if i >= args.warmup:
                 times.append(time.perf_counter() - t)
-        with FlopCounterMode(display=False) as counter:  # one more step, counting every matmul dispatched:
-            step()                                        # backward and checkpoint recomputation included
+        flops = executed_flops(step)  # one more step, counting every matmul dispatched: backward and
+                                      # checkpoint recomputation included
     except torch.cuda.OutOfMemoryError:
         return {"shape": shape, "len": max_len, "method": method, "beta": beta, "oom": True}
     finally:
@@ -199,8 +303,9 @@ def run_case(shape, max_len, method, beta, args, device, dtype, peak):
     step = statistics.median(times)
     peak_gib = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
     return {"shape": shape, "len": max_len, "method": method, "beta": beta, "oom": False, "step_s": step,
-            "tokens_per_s": real / step, "peak_gib": peak_gib, "flops": counter.get_total_flops(),
-            "mfu": counter.get_total_flops() / step / peak, "useful_mfu": useful_flops(shape, problems, mask) / step / peak,
+            "tokens_per_s": real / step, "peak_gib": peak_gib, **flops,
+            "mfu": flops["flops"] / step / peak,
+            "useful_mfu": useful_flops(shape, problems, mask) / step / peak,
             "selected_per_problem": mask.sum().item() / args.batch,
             "padding": padding(problems, method, cfg), "mean_path_tokens": real / (mind.K * len(problems))}
 
@@ -221,7 +326,20 @@ def main(argv=None):
     p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=d.grad_checkpointing,
                    help="default: mind.py's (on for 7B, off for 1.5B)")
     p.add_argument("--out", default="bench.json")
+    p.add_argument("--report", metavar="MD", help="write gpu_check.sh's Markdown report (device, the "
+                   "steps of --steps-file, the tables of --bench-json) to MD and exit; runs no benchmark")
+    p.add_argument("--steps-file", metavar="TSV", help="with --report: one line per step, tab-separated: "
+                   "name, exit status (or 'not run: why'), wall s, limit s, log file, command")
+    p.add_argument("--bench-json", nargs="*", default=[], metavar="JSON",
+                   help="with --report: --out files of bench.py")
     args = p.parse_args(argv)
+    if args.report:
+        steps = read_steps(args.steps_file) if args.steps_file else []
+        text = gpu_report(device_info(), steps, {f: read_json(f) for f in args.bench_json})
+        Path(args.report).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.report).write_text(text, encoding="utf-8")
+        print(f"wrote {args.report}")
+        return text
     if args.tiny:
         args.shapes, args.lens, args.steps, args.warmup, args.batch = ["tiny"], [96], 1, 1, 2
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
@@ -232,8 +350,8 @@ def main(argv=None):
     if args.tiny:
         diff = same_losses("tiny", device)
         print(f"mind and naive steps agree on the losses: max difference {diff:.2e}")
-    print("| shape | max len | step | s/step | tokens/s | peak GiB | executed FLOPs | useful FLOPs | paths selected | padding |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
+    print(TABLE_HEAD)
     beta = mind.Config.beta
     rows = []
     for shape in args.shapes:
@@ -244,9 +362,14 @@ def main(argv=None):
                 r["method"] = method
                 rows.append(r)
                 print(format_row(r), flush=True)
-    with open(args.out, "w") as fh:
-        json.dump({"device": str(device), "peak_flops": peak, "rows": rows}, fh, indent=1)
+                with open(args.out, "w") as fh:  # after every case: a run cut short keeps its rows
+                    json.dump({"device": str(device), "device_name": name, "dtype": str(dtype),
+                               "peak_flops": peak, "rows": rows}, fh, indent=1)
     return rows
+
+
+TABLE_HEAD = ("| shape | max len | step | s/step | tokens/s | peak GiB | executed FLOPs | useful FLOPs "
+              "| paths selected | padding |\n|---|---|---|---|---|---|---|---|---|---|")
 
 
 def format_row(r) -> str:
@@ -256,6 +379,98 @@ def format_row(r) -> str:
     mem = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}"
     return (head + f" {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | {mem} | {100 * r['mfu']:.0f}% | {100 * r['useful_mfu']:.0f}% | "
             f"{r['selected_per_problem']:.1f} | {100 * r['padding']:.0f}% |")
+
+
+# ---------------------------------------------------------------- gpu_check.sh's report
+def device_info() -> dict:
+    """The machine and the software versions, for the report's first lines."""
+    import peft, transformers
+    query = ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"]
+    try:
+        smi = subprocess.run(query, capture_output=True, text=True, timeout=30)
+        gpus = [line.strip() for line in smi.stdout.splitlines() if line.strip()]
+        gpu = "; ".join(gpus) or f"nvidia-smi: exit {smi.returncode}"
+    except (OSError, subprocess.TimeoutExpired) as e:
+        gpu = f"nvidia-smi failed ({e.__class__.__name__}: {e})"
+    seen = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device"
+    return {"gpu": gpu, "torch_sees": seen, "torch": torch.__version__, "cuda": torch.version.cuda or "none",
+            "transformers": transformers.__version__, "peft": peft.__version__,
+            "python": platform.python_version()}
+
+
+def read_steps(path) -> list[dict]:
+    """gpu_check.sh's steps file -> one dict per step, with the last lines of its log."""
+    steps = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        name, status, seconds, limit, log, command = line.split("\t", 5)
+        tail = None
+        if log and Path(log).is_file():
+            tail = "\n".join(Path(log).read_text(encoding="utf-8", errors="replace").splitlines()[-20:])
+        steps.append({"name": name, "status": int(status) if status.lstrip("-").isdigit() else status,
+                      "seconds": float(seconds) if seconds else None, "limit": limit, "log": log,
+                      "command": command, "tail": tail})
+    return steps
+
+
+def read_json(path):
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def status_text(step: dict) -> str:
+    status = step["status"]
+    if isinstance(status, str):  # a step the script did not run says why
+        return status
+    if status == 0:
+        return "ok"
+    if status in (124, 137):  # timeout's exit status, and that of a process it had to kill
+        return f"timed out (limit {step['limit']} s)"
+    return f"failed (exit {status})"
+
+
+def gpu_report(device: dict, steps: list[dict], benches: dict) -> str:
+    """The Markdown report of gpu_check.sh: the device and versions, each step's status and wall
+    time, bench.py's tables (benches: file -> its JSON, None where not written), the logs' last lines."""
+    cell = lambda text: str(text).replace("|", "\\|")
+    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    ok = sum(s["status"] == 0 for s in steps)
+    out = [f"# GPU check, {when}", "",
+           f"- device: {device['gpu']} (PyTorch sees: {device['torch_sees']})",
+           f"- software: torch {device['torch']} (CUDA {device['cuda']}), "
+           f"transformers {device['transformers']}, peft {device['peft']}, Python {device['python']}",
+           f"- steps: {ok} of {len(steps)} ok", "",
+           "## Steps", "", "| step | command | status | wall s |", "|---|---|---|---|"]
+    for s in steps:
+        wall = "-" if s["seconds"] is None else f"{s['seconds']:.1f}"
+        out.append(f"| {cell(s['name'])} | `{cell(s['command'])}` | {cell(status_text(s))} | {wall} |")
+    out += ["", "## bench.py", ""]
+    for path, data in benches.items():
+        if data is None:
+            out += [f"`{path}`: not written (see its step's log below)", ""]
+            continue
+        out += [f"`{path}`: {data.get('device_name', data['device'])}, measured matmul peak "
+                f"{data['peak_flops'] / 1e12:.3g} TFLOP/s ({data.get('dtype', '?')})", "", TABLE_HEAD,
+                *map(format_row, data["rows"]), "",
+                "GFLOP per step: executed (attention by formula), its attention part, and what "
+                "FlopCounterMode itself recorded for attention (left out):", "",
+                "| shape | max len | step | executed | attention | counter's attention |",
+                "|---|---|---|---|---|---|"]
+        for r in data["rows"]:
+            gflop = [f"{r[k] / 1e9:,.1f}" if k in r else "-"
+                     for k in ("flops", "attention_flops", "counter_attention_flops")]
+            out.append(f"| {r['shape']} | {r['len']} | {r['method']} | " + " | ".join(gflop) + " |")
+        out.append("")
+    out += ["## Logs (last 20 lines of each step)", ""]
+    for s in steps:
+        body = s.get("tail")
+        if body is None:
+            body = f"(no log at {s.get('log') or '-'})"
+        out += [f"### {s['name']}", "", "```", body, "```", ""]
+    return "\n".join(out)
 
 
 if __name__ == "__main__":
