@@ -116,7 +116,7 @@ class AttentionCount:
     the one in place of the other.
 
     While active it wraps F.scaled_dot_product_attention (transformers' SDPA, mind's per-path SDPA,
-    MetaNet's nn.MultiheadAttention) and mind.varlen_attn (mind's packed passes on CUDA). A call's
+    MetaNet's nn.MultiheadAttention) and fast.varlen_attn (the packed passes on CUDA). A call's
     forward counts when it runs, checkpoint recomputation included, and its backward when autograd
     reaches its output (a hook): once per backward, and never for a recomputed output, whose graph
     autograd does not walk. That is how the counter sees the other ops too."""
@@ -125,7 +125,7 @@ class AttentionCount:
         self.counter, self.flops, self.as_matmuls = counter, 0, 0
 
     def __enter__(self):
-        self.saved = sdpa, varlen = F.scaled_dot_product_attention, mind.varlen_attn
+        self.saved = sdpa, varlen = F.scaled_dot_product_attention, fast.varlen_attn
 
         def counted_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, **kw):
             n, d, m = *query.shape[-2:], key.shape[-2]  # (..., n, d): batch and heads in front
@@ -142,11 +142,11 @@ class AttentionCount:
 
         F.scaled_dot_product_attention = counted_sdpa
         if varlen is not None:
-            mind.varlen_attn = counted_varlen
+            fast.varlen_attn = counted_varlen
         return self
 
     def __exit__(self, *exc):
-        F.scaled_dot_product_attention, mind.varlen_attn = self.saved
+        F.scaled_dot_product_attention, fast.varlen_attn = self.saved
 
     def run(self, fwd: int, fn, *args, **kw):
         before = counted_flops(self.counter, attention=False)

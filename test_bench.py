@@ -10,7 +10,7 @@ from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
 import bench
-import mind
+import fast, mind
 
 HERE = Path(__file__).resolve().parent
 CPU = torch.device("cpu")
@@ -129,18 +129,18 @@ def test_varlen_calls_count_by_formula_from_the_sequence_starts(monkeypatch):
             scores = (qq @ kk.transpose(1, 2)).masked_fill(above, float("-inf"))
             out.append((scores.softmax(-1) @ vv).transpose(0, 1))
         return torch.cat(out)
-    monkeypatch.setattr(mind, "varlen_attn", fake_varlen)
+    monkeypatch.setattr(fast, "varlen_attn", fake_varlen)
     H, d, lens = 2, 4, [3, 5]
     cu = torch.tensor([0, 3, 8], dtype=torch.int32)
     q, k, v = (torch.randn(sum(lens), H, d, requires_grad=True) for _ in range(3))
-    call = lambda: mind.varlen_attn(q, k, v, cu, cu, 5, 5, window_size=(-1, 0))
+    call = lambda: fast.varlen_attn(q, k, v, cu, cu, 5, 5, window_size=(-1, 0))
     # by hand, causal: 2 * n^2 * d * heads per sequence = 2*9*4*2 + 2*25*4*2 = 144 + 400 = 544
     r = bench.executed_flops(lambda: call().sum().backward())
     assert r["flops"] == r["attention_flops"] == 544 + 1360  # backward: 2.5 x 544
     assert r["counter_attention_flops"] > 0  # the counter saw the matmuls, and they were left out
     with torch.no_grad():
         assert bench.executed_flops(call)["flops"] == 544  # no backward, no backward FLOPs
-    assert mind.varlen_attn is fake_varlen  # put back on exit
+    assert fast.varlen_attn is fake_varlen  # put back on exit
 
 
 # ---------------------------------------------------------------- gpu_check.sh and its report
