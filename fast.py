@@ -10,7 +10,7 @@ mind.py calls four things from here:
 Each piece is ordinary PyTorch and can be read (or replaced by the plain version named in its
 docstring) without the others.
 """
-import itertools
+import functools, gc, inspect, itertools
 
 import torch
 import torch.nn.functional as F
@@ -18,15 +18,36 @@ from torch.utils.checkpoint import checkpoint
 
 
 # ----------------------------------------------------------------------------------------------------
-# Precision and copies.
+# Precision: what the GPU really has.
+def precision(device) -> str:
+    """The student's compute precision on `device`: "bf16", "fp16" or "fp32".
+
+    bf16 on GPUs that have it natively, compute capability 8.0 or more (A100, RTX 30xx and newer).
+    Older GPUs (T4, V100) have fast fp16 tensor cores and no bf16 units; torch.cuda.is_bf16_supported()
+    can still answer True there, through slow emulation. They get fp16 autocast with loss scaling
+    (torch.amp.GradScaler), which keeps small gradients from flushing to zero in fp16. fp32 on the CPU."""
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
+
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
 def student_dtype(device) -> torch.dtype:
-    """bf16 weights on GPUs that have bf16, fp32 elsewhere."""
-    return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    """The dtype to load the student's frozen weights in: its compute precision."""
+    return DTYPES[precision(device)]
 
 
 def autocast(device):
-    """bf16 autocast where the weights are bf16 (student_dtype); a no-op elsewhere."""
-    return torch.autocast(device.type, torch.bfloat16, enabled=student_dtype(device) == torch.bfloat16)
+    """Autocast to the compute precision (bf16 or fp16); a no-op in fp32."""
+    p = precision(device)
+    return torch.autocast(device.type, DTYPES[p], enabled=p != "fp32")
+
+
+def grad_scaler(device):
+    """Loss scaling for fp16; an inert scaler (scale() returns the loss, step() steps) otherwise."""
+    return torch.amp.GradScaler(device.type, enabled=precision(device) == "fp16")
 
 
 def to_device(device, *tensors):
@@ -52,6 +73,23 @@ try:
     from torch.nn.attention.varlen import varlen_attn  # flash attention over packed rows (torch >= 2.10)
 except ImportError:
     varlen_attn = None
+PACKED_PASS = False  # True while student_forward runs a packed row (packed_attention checks it)
+
+
+def flash_varlen_ok(fn, capability: tuple[int, int], dtype) -> bool:
+    """Whether varlen flash attention can run: torch has it with the keywords we call (2.10 has
+    neither `scale` nor `window_size`), the GPU is Ampere or newer (FlashAttention's requirement)
+    and the tensors are half precision."""
+    if fn is None:
+        return False
+    params = inspect.signature(fn).parameters
+    return ("scale" in params and "window_size" in params and capability[0] >= 8
+            and dtype in (torch.bfloat16, torch.float16))
+
+
+@functools.lru_cache
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
 
 
 def enable_packing(model) -> bool:
@@ -69,29 +107,44 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
     query (1, H, N, D), key and value (1, H_kv, N, D); kw["cu_seq_lens_q"] (n + 1,) holds where each
     of the n paths starts. No padding and no (N, N) mask exist. On CUDA in bf16 this is PyTorch's
     varlen flash attention; elsewhere one causal SDPA per path, which computes the same thing."""
-    if "cu_seq_lens_q" not in kw:  # a plain padded batch (--no-packing, generation): transformers' SDPA
+    if "cu_seq_lens_q" not in kw:
+        # Without the boundaries, a packed row would be one long sequence: the paths would attend
+        # to each other, silently. Only a plain padded batch may come here.
+        if PACKED_PASS:
+            raise RuntimeError(f"{type(module).__name__} did not pass the sequence boundaries "
+                               f"(cu_seq_lens_q) to its attention: packed paths would see each "
+                               f"other; train this model with --no-packing")
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
         return sdpa_attention_forward(module, query, key, value, attention_mask,
                                       scaling=scaling, dropout=dropout, **kw)
     cu, longest = kw["cu_seq_lens_q"], kw["max_length_q"]
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))              # (N, heads, D)
-    # Grouped-query attention: each k/v head serves several query heads.
-    if k.shape[1] != q.shape[1]:
-        k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], 1) for t in (k, v))
-    flash = varlen_attn and q.is_cuda and q.dtype != torch.float32
+    flash = q.is_cuda and flash_varlen_ok(varlen_attn, _capability(q.device.index or 0), q.dtype)
     if flash and not torch.are_deterministic_algorithms_enabled():
+        # Grouped-query attention: each k/v head serves several query heads. Where the kernel
+        # takes enable_gqa (torch 2.13) it reads the shared heads; else we repeat them, and the
+        # repeats are saved for backward.
+        gqa = {"enable_gqa": True} if GQA_KW else {}
+        if k.shape[1] != q.shape[1] and not GQA_KW:
+            k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], 1) for t in (k, v))
         # window_size (-1, 0): every earlier token, no later one, i.e. causal
-        out = varlen_attn(q, k, v, cu, cu, longest, longest, scale=scaling, window_size=(-1, 0))
+        out = varlen_attn(q, k, v, cu, cu, longest, longest, scale=scaling, window_size=(-1, 0),
+                          **gqa)
     else:
         at = cu.tolist()
         out = torch.cat([_causal_sdpa(q[s:e], k[s:e], v[s:e], scaling) for s, e in zip(at, at[1:])])
     return out[None], None                                                     # (1, N, H, D)
 
 
+GQA_KW = varlen_attn is not None and "enable_gqa" in inspect.signature(varlen_attn).parameters
+
+
 def _causal_sdpa(q, k, v, scale):
-    """One path's causal attention; q, k, v (n, heads, D) -> (n, heads, D)."""
+    """One path's causal attention; q (n, H, D), k and v (n, H_kv, D) -> (n, H, D). enable_gqa
+    lets SDPA read shared k/v heads without repeating them (nothing repeated is saved)."""
     out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                                         is_causal=True, scale=scale)
+                                         is_causal=True, scale=scale,
+                                         enable_gqa=k.shape[1] != q.shape[1])
     return out.transpose(0, 1)
 
 
@@ -108,8 +161,14 @@ def student_forward(body, seqs: list[list[int]], packed: bool, device):
         ids, pos, cu = to_device(device, torch.tensor([t for s in seqs for t in s]),
                                  torch.cat([torch.arange(n) for n in lens]),
                                  torch.tensor(start, dtype=torch.int32))
-        out = body(input_ids=ids[None], position_ids=pos[None], cu_seq_lens_q=cu, cu_seq_lens_k=cu,
-                   max_length_q=max(lens), max_length_k=max(lens))
+        global PACKED_PASS
+        PACKED_PASS = True
+        try:  # use_cache=False: a training pass needs no KV cache (88 MB at 3072 tokens, 1.5B)
+            out = body(input_ids=ids[None], position_ids=pos[None], cu_seq_lens_q=cu,
+                       cu_seq_lens_k=cu, max_length_q=max(lens), max_length_k=max(lens),
+                       use_cache=False)
+        finally:
+            PACKED_PASS = False
         return out.last_hidden_state[0], ids, start[:-1]                       # (N, H), (N,)
     T = max(lens)
     ids = torch.zeros(len(seqs), T, dtype=torch.long)
@@ -118,7 +177,7 @@ def student_forward(body, seqs: list[list[int]], packed: bool, device):
         ids[n, : lens[n]] = torch.tensor(s)
         att[n, : lens[n]] = 1
     ids, att = to_device(device, ids, att)
-    hidden = body(input_ids=ids, attention_mask=att).last_hidden_state         # (n, T, H)
+    hidden = body(input_ids=ids, attention_mask=att, use_cache=False).last_hidden_state  # (n, T, H)
     return hidden.flatten(0, 1), ids.flatten(), [n * T for n in range(len(seqs))]
 
 
@@ -135,3 +194,41 @@ def target_logprobs(head, hidden, targets, chunk: int):
     parts = [checkpoint(one, h, t, use_reentrant=False) if grad else one(h, t)
              for h, t in zip(hidden.split(chunk), targets.split(chunk))]
     return torch.cat(parts)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Out of memory: the pass budget never changes a number, so a micro-step that does not fit is redone
+# with smaller passes.
+class OutOfMemory(Exception):
+    """Even passes of one path each do not fit; the message names the flags that would help."""
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def retry_on_oom(step, params, cfg, longest: int, say=print):
+    """Runs step() (one micro-step) and returns what it returns. On torch.OutOfMemoryError, from
+    any device, what step() had already added to the gradients of `params` is undone, the pass
+    budget cfg.max_tokens_per_pass is halved for the rest of the run, and step() runs again. Once
+    the budget is below the micro-batch's longest path (so each of those runs alone), another
+    error raises OutOfMemory."""
+    saved = [None if p.grad is None else p.grad.clone() for p in params]
+    while True:
+        try:
+            return step()
+        except torch.OutOfMemoryError:
+            pass  # leave the except block first: its traceback holds the failed pass's tensors
+        for p, g in zip(params, saved):
+            p.grad = None if g is None else g.clone()
+        free_memory()
+        budget = cfg.max_tokens_per_pass
+        if budget < longest:
+            raise OutOfMemory(f"out of memory with passes of {budget} tokens: a path of {longest} "
+                              f"tokens does not fit alone; try a smaller --max-len, "
+                              f"--grad-checkpointing, or a smaller --batch-size")
+        cfg.max_tokens_per_pass = budget // 2
+        say(f"out of memory with passes of {budget} tokens: micro-step redone with "
+            f"--max-tokens-per-pass {budget // 2}, kept from now on (the numbers do not change)")

@@ -493,11 +493,12 @@ def measure_paths(cfg: Config, body, head, paths, answer_width: int, device):
 
 
 def micro_step(cfg: Config, problems, h_x, h_r, metanet, body, head, warmup: bool, device,
-               scale: float = 1.0):
+               scale: float = 1.0, scaler=None):
     """One micro-batch of B problems (B lists of K TokenPaths); h_x (B, D), h_r (B, K, D); body and
     head: the student without its LM head, and the head. Returns L_meta (Eq. 1, for the caller's
     backward, None without MetaNet) and a dict for the logs. Eq. 4's gradient, times `scale`, is
-    already accumulated in the LoRA weights when it returns.
+    already accumulated in the LoRA weights when it returns (times the loss scale of `scaler`, a
+    torch.amp.GradScaler, in fp16).
 
     The plain step, which this one equals:
         L_real, l = student(every path)                 # with gradients
@@ -553,7 +554,8 @@ def micro_step(cfg: Config, problems, h_x, h_r, metanet, body, head, warmup: boo
                                 cfg.packing, cfg.loss_chunk)
             eq4 = eq4_with_live_paths(cfg.lambda_, live, loss, lp, l_real, answer_lp, alpha,
                                       answer_mask)
-        (eq4 * scale).backward()
+        loss = eq4 * scale
+        (scaler.scale(loss) if scaler else loss).backward()
     return l_meta, info
 
 
@@ -606,6 +608,8 @@ class Run:
     epoch: int = 0              # where to start (after --resume: where the checkpoint was)
     micro: int = 0
     checkpoint: Path | None = None
+    scaler: torch.amp.GradScaler | None = None  # loss scaling in fp16 (fast.precision)
+    saved_at: tuple[int, int] | None = None     # (epoch, micro) of the latest checkpoint
 
     @property
     def body(self):  # the student without its LM head
@@ -664,6 +668,8 @@ def prepare(cfg: Config) -> Run:
         run.step, run.epoch, run.micro = load_checkpoint(ckpts[-1], peft_model, metanet, opt,
                                                          meta_opt, world, cfg.variant)
         log(f"resumed from {ckpts[-1]} (step {run.step}, epoch {run.epoch}, micro-batch {run.micro})")
+        run.checkpoint, run.saved_at = ckpts[-1], (run.epoch, run.micro)
+    run.scaler = fast.grad_scaler(device)
     if world > 1:  # one start for all processes
         for p in [*lora_params, *metanet.parameters()]:
             dist.broadcast(p.data, 0)
@@ -684,8 +690,9 @@ def accumulation_window(i: int, n: int, every: int) -> tuple[int, bool]:
     return min(every, n - i // every * every), (i + 1) % every == 0 or i == n - 1
 
 
-def optimizer_step(opt, params, max_norm: float | None = None) -> None:
-    """Mean of the accumulated gradients over the processes, clip, step, zero.
+def optimizer_step(opt, params, max_norm: float | None = None, scaler=None) -> None:
+    """Mean of the accumulated gradients over the processes, clip, step, zero. With a GradScaler
+    (fp16), the gradients are unscaled before clipping, and a step with inf/NaN is skipped.
 
     The all-reduce is done by hand, not by DDP: DDP all-reduces in hooks on every backward, and
     micro_step runs one backward per pass, so several per micro-batch."""
@@ -696,10 +703,23 @@ def optimizer_step(opt, params, max_norm: float | None = None) -> None:
         dist.all_reduce(flat)
         for p, g in zip(params, (flat / dist.get_world_size()).split([p.numel() for p in params])):
             p.grad = g.view_as(p)
+    if scaler:
+        scaler.unscale_(opt)
     if max_norm is not None:
         torch.nn.utils.clip_grad_norm_(params, max_norm)
-    opt.step()
+    if scaler:
+        scaler.step(opt)
+        scaler.update()
+    else:
+        opt.step()
     opt.zero_grad(set_to_none=True)
+
+
+def save(run: Run, epoch: int, micro: int) -> None:
+    """A checkpoint of the run as it is before micro-batch `micro` of `epoch`."""
+    run.checkpoint = save_checkpoint(run.out, run.step, epoch, micro, run.peft_model, run.metanet,
+                                     run.opt, run.meta_opt, run.world, run.cfg.variant)
+    run.saved_at = (epoch, micro)
 
 
 def train_epoch(run: Run, epoch: int, log: RunLog, stop: StopOnSignal) -> bool:
@@ -717,8 +737,17 @@ def train_epoch(run: Run, epoch: int, log: RunLog, stop: StopOnSignal) -> bool:
         n_acc, student_steps = accumulation_window(i, len(batches), cfg.grad_accum)
         n_meta, meta_steps = accumulation_window(i, len(batches), meta_accum)
         problems = [run.paths[b] for b in idx]
-        l_meta, info = micro_step(cfg, problems, run.h_x[idx], run.h_r[idx], run.metanet, run.body,
-                                  run.head, warmup, run.device, scale=1 / n_acc)
+        lora = run.opt.param_groups[0]["params"]
+        step = lambda: micro_step(cfg, problems, run.h_x[idx], run.h_r[idx], run.metanet, run.body,
+                                  run.head, warmup, run.device, 1 / n_acc, run.scaler)
+        # An out-of-memory error redoes the micro-step with smaller passes (fast.py)
+        longest = max(len(p.ids) for pp in problems for p in pp)
+        try:
+            l_meta, info = fast.retry_on_oom(step, lora, cfg, longest, log.print)
+        except fast.OutOfMemory as e:  # nothing is lost: a checkpoint from before this micro-batch
+            if (epoch, i) != run.saved_at:
+                save(run, epoch, i)
+            raise DataError(f"{e}; the run so far is in {run.checkpoint} (--resume)") from None
         if l_meta is not None:  # Eq. 1 moves MetaNet; Eq. 4's backward was done in micro_step
             (l_meta / n_meta).backward()
         if meta_steps and cfg.metanet_used:
@@ -727,8 +756,7 @@ def train_epoch(run: Run, epoch: int, log: RunLog, stop: StopOnSignal) -> bool:
         if not student_steps:
             continue
         if not warmup:  # the warmup leaves the student as it was
-            lora = [p for p in run.peft_model.parameters() if p.requires_grad]
-            optimizer_step(run.opt, lora, cfg.max_grad_norm)
+            optimizer_step(run.opt, lora, cfg.max_grad_norm, run.scaler)
         run.step += 1
         log.step_done()
         if run.step % cfg.log_every == 0 or last:
@@ -738,10 +766,7 @@ def train_epoch(run: Run, epoch: int, log: RunLog, stop: StopOnSignal) -> bool:
             log.end_epoch(epoch + 1, write=not warmup)
         halt = run.step == cfg.max_steps or stop.asked_anywhere(run.device)
         if last or halt:  # a checkpoint at every epoch end, and wherever the run stops early
-            epoch_after, micro_after = (epoch + 1, 0) if last else (epoch, i + 1)
-            run.checkpoint = save_checkpoint(run.out, run.step, epoch_after, micro_after,
-                                             run.peft_model, run.metanet, run.opt, run.meta_opt,
-                                             run.world, cfg.variant)
+            save(run, *((epoch + 1, 0) if last else (epoch, i + 1)))
         if halt:
             return True
     return False
