@@ -177,7 +177,7 @@ def padding(problems, method: str, cfg: mind.Config) -> float:
     """Share of padded positions in the forward over all paths: one batch (naive), mind's passes."""
     lens = [len(p[0]) for pp in problems for p in pp]
     packed = method == "mind" and cfg.packing
-    passes = mind.plan_passes(lens, cfg.max_tokens_per_pass, cfg.packing) if method == "mind" else [range(len(lens))]
+    passes = fast.plan_passes(lens, cfg.max_tokens_per_pass, cfg.packing) if method == "mind" else [range(len(lens))]
     return 1 - sum(lens) / sum(sum(lens[i] for i in q) if packed else len(q) * max(lens[i] for i in q) for q in passes)
 
 

@@ -67,6 +67,24 @@ def skip_lora_input_cast(peft_model) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------
+# Passes of bounded size: how micro_step groups paths (any grouping gives the same numbers).
+def plan_passes(lengths: list[int], budget: int, packed: bool) -> list[list[int]]:
+    """Groups path indices into passes of at most `budget` tokens: real tokens when packed, padded
+    ones (paths x longest) otherwise. First fit, longest first, so a pass's first path is its
+    longest; a path longer than the budget runs alone."""
+    passes = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        for p in passes:
+            tokens = sum(lengths[j] for j in p) + lengths[i] if packed else (len(p) + 1) * lengths[p[0]]
+            if tokens <= budget:
+                p.append(i)
+                break
+        else:
+            passes.append([i])
+    return passes
+
+
+# ----------------------------------------------------------------------------------------------------
 # Packed paths: several paths in one row, each attending only to itself.
 PACKED = "mind_packed"  # our attention function's name in transformers' AttentionInterface
 try:
@@ -203,6 +221,9 @@ class OutOfMemory(Exception):
     """Even passes of one path each do not fit; the message names the flags that would help."""
 
 
+OOM_ERROR = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # the generic name
+
+
 def free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
@@ -219,7 +240,7 @@ def retry_on_oom(step, params, cfg, longest: int, say=print):
     while True:
         try:
             return step()
-        except torch.OutOfMemoryError:
+        except OOM_ERROR:
             pass  # leave the except block first: its traceback holds the failed pass's tensors
         for p, g in zip(params, saved):
             p.grad = None if g is None else g.clone()

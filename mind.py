@@ -22,7 +22,8 @@ Config):
   6. Table 8 gives MetaNet and a 1.5B student the same LR (5e-5), though 3.3.2 says MetaNet's is
      lower; we follow the table. Its slower rhythm comes from accumulating over more micro-batches.
 
-Speed engineering that changes no number (packed paths, chunked logits, precision) is in fast.py.
+Speed engineering that changes no number (passes of bounded size, packed paths, chunked logits,
+precision, the out-of-memory retry) is in fast.py.
 The step runs the student in passes of bounded size; micro_step explains why that is still exactly
 Eq. 4's gradient.
 
@@ -429,22 +430,6 @@ def tokenize_paths(tok, rows, max_len: int) -> tuple[list[list[TokenPath]], int]
     return out, n_cut
 
 
-def plan_passes(lengths: list[int], budget: int, packed: bool) -> list[list[int]]:
-    """Groups path indices into passes of at most `budget` tokens: real tokens when packed, padded
-    ones (paths x longest) otherwise. First fit, longest first, so a pass's first path is its
-    longest; a path longer than the budget runs alone."""
-    passes = []
-    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        for p in passes:
-            tokens = sum(lengths[j] for j in p) + lengths[i] if packed else (len(p) + 1) * lengths[p[0]]
-            if tokens <= budget:
-                p.append(i)
-                break
-        else:
-            passes.append([i])
-    return passes
-
-
 def run_pass(body, head, paths: list[TokenPath], device, answer_width: int = 0,
              packed: bool = True, chunk: int = 1024):
     """One forward pass of the student over a few paths -> L_real (n,) and, if answer_width > 0,
@@ -479,7 +464,8 @@ def measure_paths(cfg: Config, body, head, paths, answer_width: int, device):
     answer log-probs (B*K, A, V); no gradients, so nothing is kept between passes."""
     l_real, answer_lp = torch.zeros(len(paths), device=device), None
     body.eval()
-    for part in plan_passes([len(p.ids) for p in paths], cfg.max_tokens_per_pass, cfg.packing):
+    lengths = [len(p.ids) for p in paths]
+    for part in fast.plan_passes(lengths, cfg.max_tokens_per_pass, cfg.packing):
         with fast.autocast(device):
             loss, lp = run_pass(body, head, [paths[i] for i in part], device, answer_width,
                                 cfg.packing, cfg.loss_chunk)
@@ -509,12 +495,17 @@ def micro_step(cfg: Config, problems, h_x, h_r, metanet, body, head, warmup: boo
       pass 1, no gradients: every path's L_real (Eq. 1 needs all K) and answer log-probs l; then
         I_dyn and alpha;
       pass 2, the selected paths again, a few at a time: Eq. 4 with this pass's paths live and
-        every other path held at its pass-1 value, backpropagated.
-    Eq. 4 depends on a path only through its L_real and its l, so by the chain rule, taken one
-    group of paths at a time, the gradients of pass 2 add up to exactly the plain step's. That
-    holds because (1) alpha and I_dyn are constants, (2) both passes compute the same function of
-    the weights (Config refuses LoRA dropout, add_lora zeroes every other dropout), and (3) padded
-    answer slots carry nothing (consistency_loss masks them). test_mind.py checks the equality."""
+        every other path held at its pass-1 value, backpropagated (eq4_with_live_paths).
+    Why that is Eq. 4's gradient: Eq. 4 depends on the weights only through each path's L_real,k
+    and l_k, so by the chain rule
+        dL/dtheta = sum_k dL/dL_real,k * dL_real,k/dtheta + sum_k <dL/dl_k, dl_k/dtheta>.
+    A pass over a group G of paths computes exactly the terms k in G, each partial derivative taken
+    at the pass-1 values of the other paths; summed over the passes, that is every term. Paths
+    outside I_dyn have alpha = 0, so both of their partials are 0, and they are not run again.
+    This holds because (1) alpha and I_dyn are constants, (2) both passes compute the same function
+    of the weights (Config refuses LoRA dropout, add_lora zeroes every other dropout), and (3) padded
+    answer slots carry nothing (consistency_loss masks them). "Exactly" is mathematical: the passes
+    group paths differently, so sums round differently; test_mind.py checks the equality to 1e-6."""
     B = len(problems)
     A = max(p[0].answer_len for p in problems)                      # answer tokens, longest
     paths = [p for pp in problems for p in pp]                      # path b * K + k
@@ -526,7 +517,9 @@ def micro_step(cfg: Config, problems, h_x, h_r, metanet, body, head, warmup: boo
     l_meta = metanet_loss(scores, l_real, cfg.tau) if scores is not None else None     # Eq. 1
     info = {"scores": None if scores is None else scores.detach(), "l_real": l_real,
             "tokens": sum(len(p.ids) for p in paths)}  # counted on the host: no GPU sync
-    if warmup:  # the frozen initial student: its K losses feed Eq. 1 only
+    # Warmup: MetaNet is fitted (Eq. 1) to the losses of the frozen initial student; nothing is
+    # selected (the all-ones mask and zero alpha only make the log read |I| = K, alpha = 0)
+    if warmup:
         ones = torch.ones(B, K, dtype=torch.bool, device=device)
         return l_meta, info | {"mask": ones, "alpha": torch.zeros(B, K, device=device)}
     mask, alpha = variant_weights(cfg.variant, scores, l_real, cfg.beta, cfg.tau, cfg.tau_student)
@@ -545,8 +538,8 @@ def micro_step(cfg: Config, problems, h_x, h_r, metanet, body, head, warmup: boo
     body.train()
     selected = mask.flatten().nonzero().flatten().tolist()
     paired = {b for b in range(B) if sum(i // K == b for i in selected) > 1}  # Eq. 3 is not 0 there
-    for part in plan_passes([len(paths[i].ids) for i in selected], cfg.max_tokens_per_pass,
-                            cfg.packing):
+    lengths = [len(paths[i].ids) for i in selected]
+    for part in fast.plan_passes(lengths, cfg.max_tokens_per_pass, cfg.packing):
         live = [selected[n] for n in part]                     # path indices b * K + k
         width = answer_width if any(i // K in paired for i in live) else 0
         with fast.autocast(device):
@@ -568,6 +561,8 @@ def eq4_with_live_paths(lam: float, live: list[int], loss, lp, l_real, answer_lp
     Problems without a live path add a constant, so only the pass's own problems are evaluated:
     Eq. 2 and Eq. 3 are means over the B problems, hence the factor len(problems) / B."""
     B = alpha.shape[0]
+    # The pass-1 values of the pass's problems, (b, K) and (b, K, A, V), with the live paths' slots
+    # replaced by this pass's results: only those slots carry gradients.
     problems = sorted({i // K for i in live})
     rows = torch.tensor(problems, device=alpha.device)
     # where each live path sits among the pass's problems, flattened (problem * K + k)

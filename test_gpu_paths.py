@@ -255,3 +255,11 @@ def test_a_path_that_cannot_fit_alone_is_one_line_a_checkpoint_and_exit_2(tmp_pa
     assert "does not fit alone" in msg and "--max-len" in msg and "--grad-checkpointing" in msg
     assert "--batch-size" in msg and "checkpoint-000003" in msg and "--resume" in msg
     assert (tmp_path / "run" / "checkpoint-000003" / "state.pt").exists()
+
+
+def test_oom_check_script_runs_its_retry_on_the_cpu():
+    """oom_check.py is what gpu_check.sh runs on a GPU; --tiny runs the same code here."""
+    import oom_check
+    r = oom_check.main(["--tiny", "--max-len", "256", "--start-budget", "8192"])
+    assert r["final_budget"] < 8192 and r["retries"] >= 1 and r["max_rel_error"] < 1e-5
+    assert fast.student_forward.__name__ == "student_forward"  # the injection is undone

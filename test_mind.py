@@ -213,7 +213,7 @@ def test_packed_paths_do_not_see_each_other(tiny):
     ([2, 2, 2], 100, True, [[0, 1, 2]]),
 ])
 def test_plan_passes(lengths, budget, packed, want):
-    assert mind.plan_passes(lengths, budget, packed) == want
+    assert fast.plan_passes(lengths, budget, packed) == want
 
 
 def test_a_student_that_cannot_pack_trains_in_padded_passes(tiny, monkeypatch, capsys):
