@@ -4,7 +4,7 @@ Both steps run the same batch through the same student, MetaNet, equations and o
 way the student runs differs:
   mind   mind.micro_step with mind.py's defaults: all paths once without gradients, packed in passes
          of at most --max-tokens-per-pass tokens; the selected ones again with gradients, the same
-         way, backpropagating the surrogate of Eq. 4; losses from hidden states at label positions.
+         way, backpropagating Eq. 4 with one pass's paths live; losses from hidden states at label positions.
   naive  the straightforward step: every path through model(...) in one padded batch with gradients,
          full (paths, tokens, vocabulary) logits, the losses and answer log-probs read from them;
          peft's defaults (fp32 adapters fed fp32 copies of the activations).
