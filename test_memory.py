@@ -294,7 +294,7 @@ def test_step_peak_matches_the_model(small, monkeypatch, grad_checkpointing, chu
     AdamW). This checks how the parts add up; the tests above check the parts."""
     peft_model, body, head = small
     set_checkpointing(peft_model, grad_checkpointing)
-    monkeypatch.setattr(fast, "student_dtype", lambda device: torch.bfloat16)  # autocast on the CPU
+    monkeypatch.setattr(fast, "precision", lambda device: "bf16")  # bf16 autocast on the CPU
     B, max_len, A, d_enc = 2, 64, 4, 8
     torch.manual_seed(0)
     metanet = mind.MetaNet(d_enc)
