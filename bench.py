@@ -48,7 +48,7 @@ SHAPES = {  # from the published configs of Qwen2.5-1.5B and Qwen2.5-7B
 
 
 def build(shape: str, cfg: mind.Config, device, dtype, method: str = "mind"):
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
     from transformers import Qwen2Config, Qwen2ForCausalLM
     torch.manual_seed(0)
     with torch.device(device):
@@ -56,7 +56,7 @@ def build(shape: str, cfg: mind.Config, device, dtype, method: str = "mind"):
     if method == "mind":
         return mind.add_lora(model, cfg, device)
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules="all-linear")
-    return get_peft_model(model, lora)
+    return mind.get_peft_model(model, lora)  # peft's, less a FutureWarning that is not ours
 
 
 def useful_flops(shape: str, problems, mask) -> float:

@@ -3,7 +3,7 @@
 Bad input, the tiny offline student, several processes (torchrun), checkpoints that resume exactly,
 and the log lines. None of it is in the paper; each piece is ordinary PyTorch and can be read alone.
 """
-import argparse, dataclasses, json, os, signal, sys, time
+import argparse, dataclasses, hashlib, json, math, os, shutil, signal, sys, time
 from pathlib import Path
 
 import torch
@@ -37,10 +37,90 @@ def read_jsonl(path):
                 raise DataError(f"{path}:{n}: not valid JSON ({e.msg}, column {e.colno})") from None
 
 
+def validate_row(row, where: str) -> None:
+    """A DataError naming `where` (file:line) unless `row` has the shape mind.py trains on: id,
+    problem, answer (non-empty strings), the K rationales, and optionally subject (str) and level
+    (int)."""
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    where += f" (problem {row.get('id', '?')!r})"
+    for key, typ in (("id", str), ("problem", str), ("answer", str), ("rationales", dict)):
+        if key not in row:
+            raise DataError(f"{where}: missing field '{key}'")
+        if not isinstance(row[key], typ) or (typ is str and not row[key].strip()):
+            raise DataError(f"{where}: field '{key}' must be a non-empty {typ.__name__}")
+    if "subject" in row and not (isinstance(row["subject"], str) and row["subject"].strip()):
+        raise DataError(f"{where}: field 'subject' must be a non-empty str, got {row['subject']!r}")
+    if "level" in row and type(row["level"]) is not int:  # 3, not "3", 3.0 or true
+        raise DataError(f"{where}: field 'level' must be an int, got {row['level']!r}")
+    rationales = row["rationales"]
+    for key in rationales:
+        if key not in PERSPECTIVE_KEYS:
+            raise DataError(f"{where}: unknown perspective {key!r} (expected: "
+                            f"{', '.join(PERSPECTIVE_KEYS)})")
+    for key in PERSPECTIVE_KEYS:
+        if key not in rationales:
+            raise DataError(f"{where}: missing the {key!r} rationale (every problem needs all {K})")
+        if not isinstance(rationales[key], str) or not rationales[key].strip():
+            raise DataError(f"{where}: the {key!r} rationale is empty")
+
+
+def demo_data_note(student: str, data: Path, n_problems: int, log=print) -> str | None:
+    """Logs (and returns) a line when a real student trains on the shipped sample: that file is
+    there for the tiny demo and the tests, and results on it say nothing about the paper's."""
+    sample = Path(__file__).resolve().parent / "data" / "sample.jsonl"
+    if student == "tiny" or not (sample.exists() and Path(data).resolve() == sample):
+        return None
+    note = (f"note: {data} is the {n_problems}-problem demo sample, not the paper's 497-problem "
+            f"training set; build that with `python data/build.py --teacher-url URL "
+            f"--teacher-model MODEL` (docs/dataset.md), which writes data/mind_math.jsonl")
+    log(note)
+    return note
+
+
 # ----------------------------------------------------------------------------------------------------
 # The command line: one flag per field of a dataclass, grouped, each help saying where it comes from.
 def flag_name(field_name: str) -> str:
     return field_name.rstrip("_").replace("_", "-")  # lambda_ -> lambda
+
+
+def check_config(c) -> None:
+    """mind.Config's checks, run when it is made, so before any work: a ValueError of one line
+    naming every flag out of range, a --variant that does not exist, or a model folder that is not
+    there."""
+    checks = {"lr": c.lr is None or c.lr > 0, "meta_lr": c.meta_lr > 0,
+              "meta_lr_warmup": c.meta_lr_warmup > 0, "max_grad_norm": c.max_grad_norm > 0,
+              "tau": c.tau > 0, "tau_student": c.tau_student > 0, "beta": 0 <= c.beta <= 1,
+              "lambda_": c.lambda_ >= 0, "epochs": c.epochs is None or c.epochs >= 1,
+              "warmup_epochs": c.warmup_epochs >= 0, "batch_size": c.batch_size >= 1,
+              "grad_accum": c.grad_accum >= 1, "meta_grad_accum": c.meta_grad_accum >= 1,
+              "lora_r": c.lora_r >= 1, "lora_alpha": c.lora_alpha >= 1,
+              "lora_dropout": c.lora_dropout == 0, "meta_dim": c.meta_dim >= 1,
+              "meta_heads": c.meta_heads >= 1, "max_len": c.max_len >= 16,
+              "max_tokens_per_pass": c.max_tokens_per_pass >= c.max_len,
+              "loss_chunk": c.loss_chunk >= 1, "log_every": c.log_every >= 1,
+              "max_steps": c.max_steps >= 0, "seed": 0 <= c.seed < 2**32,
+              "device": c.device in ("auto", "cpu", "cuda")}
+    bad = [f"--{flag_name(k)} {getattr(c, k)}" for k, ok in checks.items()
+           if not ok or (isinstance(getattr(c, k), float) and not math.isfinite(getattr(c, k)))]
+    if bad:
+        raise ValueError(f"out of range: {', '.join(bad)} (see --help)")
+    if c.meta_dim % c.meta_heads:
+        raise ValueError(f"--meta-dim {c.meta_dim} is not a multiple of --meta-heads "
+                         f"{c.meta_heads} (see --help)")
+    name, _, arg = c.variant.partition(":")
+    if name == "single" and arg not in PERSPECTIVE_KEYS:
+        raise ValueError(f"--variant {c.variant}: single:<perspective> takes one of "
+                         f"{', '.join(PERSPECTIVE_KEYS)}")
+    if name == "topk" and arg not in [str(k) for k in range(1, K + 1)]:
+        raise ValueError(f"--variant {c.variant}: topk:<K> takes K = 1 to {K}")
+    plain = ("mind", "uniform", "no-inertia", "no-synergy")
+    if name not in ("single", "topk") and (arg or name not in plain):
+        raise ValueError(f"--variant {c.variant}: expected mind, single:<perspective>, "
+                         f"uniform, no-inertia, no-synergy or topk:<K>")
+    check_model_path(c.student, "--student")
+    if c.encoder is not None:
+        check_model_path(c.encoder, "--encoder")
 
 
 def parse_config(cls, groups: dict, argv, description: str):
@@ -58,18 +138,69 @@ def parse_config(cls, groups: dict, argv, description: str):
         else:
             g.add_argument(flag, dest=f.name, type=typ, default=f.default,
                            help=f.metadata["help"], metavar=flag_name(f.name).upper())
+    p.error = fail  # argparse's own errors (a flag that is not a number...) in the same one line
     try:
         return cls(**vars(p.parse_args(argv)))
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)  # one line, no usage text
-        sys.exit(2)
+        fail(e)
+
+
+def fail(message) -> None:
+    """One line on stderr, no usage text and no traceback (under torchrun from rank 0 only); exit
+    status 2."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Models by name: a folder, or a Hugging Face Hub id. Each way of not being there is one line.
+def check_model_path(name: str, flag: str) -> None:
+    """A ValueError if `name` is meant as a folder (it starts with '.', '/' or '~', has more than
+    the one '/' of org/model, or a folder named by its first parts exists) and is not one."""
+    path = Path(name).expanduser()
+    if name == "tiny" or path.is_dir():
+        return
+    if path.exists():
+        raise ValueError(f"{flag} {name}: not a folder (a model is a folder with config.json)")
+    meant = (name.startswith((".", "/", "~")) or name.count("/") > 1  # never so in a hub id
+             or any(sep and sep != "/" and sep in name for sep in (os.sep, os.altsep))
+             or (path.parent != Path(".") and path.parent.exists()))
+    if meant or not name.strip():
+        raise ValueError(f"{flag} {name}: no such folder")
+
+
+def from_hub(load, name: str, flag: str, **kwargs):
+    """load(name, **kwargs), e.g. AutoTokenizer.from_pretrained; a model that is neither a folder
+    nor on the Hub, or that cannot be fetched here, is a DataError of one line saying what to do.
+    Any other error passes through as it is."""
+    from huggingface_hub import constants, errors
+    try:
+        return load(name, **kwargs)
+    except OSError as e:
+        chain, c = [], e
+        while c is not None and len(chain) < 20:
+            chain, c = chain + [c], c.__cause__ or c.__context__
+        if any(isinstance(c, errors.RepositoryNotFoundError) for c in chain):
+            raise DataError(f"{flag} {name}: no such model on the Hugging Face Hub, and no such "
+                            f"folder (a private or gated model needs `hf auth login`)") from None
+        if not any(isinstance(c, (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled,
+                                  ConnectionError)) for c in chain):
+            raise
+        why = ("HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE
+               else "the Hugging Face Hub cannot be reached from here")
+        raise DataError(f"{flag} {name}: not a local folder, {why}, and the model is not in the "
+                        f"local cache: pass the folder of a downloaded model, or fetch it once "
+                        f"where there is network (`hf download {name}`) and run with "
+                        f"HF_HUB_OFFLINE=1") from None
 
 
 # ----------------------------------------------------------------------------------------------------
 # 1. The tiny student of `python mind.py --student tiny` and of the tests.
-def build_tiny(texts: list[str], seed: int, max_len: int = 1024):
+def build_tiny(texts: list[str], seed: int, max_len: int = 1024, save_to: Path | None = None):
     """A 2-layer GPT-2 and a static-embedding Sentence-Transformer over one byte-level BPE tokenizer
-    trained on `texts`: the whole method runs offline, on a CPU, in seconds."""
+    trained on `texts`: the whole method runs offline, on a CPU, in seconds. With `save_to`, the
+    model and tokenizer are also saved there (from_pretrained format)."""
     from sentence_transformers import SentenceTransformer
     try:
         from sentence_transformers.sentence_transformer.modules import StaticEmbedding
@@ -88,7 +219,22 @@ def build_tiny(texts: list[str], seed: int, max_len: int = 1024):
                                        n_head=4, bos_token_id=eos, eos_token_id=eos, pad_token_id=eos,
                                        attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0))  # as Qwen/Llama: none
     encoder = SentenceTransformer(modules=[StaticEmbedding(bpe, embedding_dim=32)], device="cpu")
+    if save_to is not None:
+        model.save_pretrained(save_to)
+        tok.save_pretrained(save_to)
     return model, tok, encoder
+
+
+def get_peft_model(model, lora_config):
+    """peft.get_peft_model, less one warning. peft reads `model.is_gradient_checkpointing`, which
+    transformers 5 keeps as a deprecated alias that warns (FutureWarning) on every read; the read
+    is peft's, not ours, so only that warning is silenced, and only here."""
+    import warnings
+    from peft import get_peft_model as peft_get_peft_model
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated",
+                                category=FutureWarning)
+        return peft_get_peft_model(model, lora_config)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -117,6 +263,12 @@ def setup_distributed(cfg):
     return dist.get_rank(), dist.get_world_size(), torch.device("cuda", local) if cuda else torch.device("cpu")
 
 
+def broadcast_from_rank0(tensors) -> None:
+    if dist.is_initialized():
+        for t in tensors:
+            dist.broadcast(t.data, 0)
+
+
 def all_sum(t):
     if dist.is_initialized():
         dist.all_reduce(t)
@@ -132,47 +284,219 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int, wor
 
 
 # ----------------------------------------------------------------------------------------------------
-# 3. Checkpoints: LoRA adapter (save_pretrained), MetaNet, both optimizers, progress, RNG states and the
-# MetaNet gradients accumulated so far on each rank, so that --resume continues exactly.
-def save_checkpoint(out: Path, step, epoch, micro, peft_model, metanet, opt, meta_opt, world, variant="mind"):
+# 3. Checkpoints: LoRA adapter (save_pretrained), MetaNet, both optimizers, progress, what defines
+# the run, and per rank its RNG states and the gradients accumulated so far (LoRA's and MetaNet's),
+# so that --resume continues exactly, even from between two optimizer steps.
+#
+# A resumed run must be the run that wrote the checkpoint: every Config value that changes the
+# numbers, the data's content and the tokenizer are saved, and --resume refuses any difference. The
+# values below change only the cost (or where things go), and a resume may change them freely.
+COST_ONLY = {"out", "resume", "max_steps", "log_every"}  # and Config's "engineering" group
+
+
+def run_identity(cfg, data, **resolved) -> dict:
+    """{setting: value} for what defines the run: the Config values that change the numbers, the
+    data file by its content, and `resolved` (lr, epochs, encoder: defaults that depend on the
+    student; tokenizer), which prepare() knows only once the student is loaded."""
+    out = {"--data": f"sha256 {file_sha256(data)}", "data file": str(data)}
+    for f in dataclasses.fields(cfg):
+        if f.metadata["group"] != "engineering" and f.name not in COST_ONLY | {"data"}:
+            out["--" + flag_name(f.name)] = getattr(cfg, f.name)
+    for name, value in resolved.items():
+        out["--" + name if name != "tokenizer" else name] = value
+    if "tokenizer" in out:
+        out["tokenizer"] = tokenizer_id(out["tokenizer"])
+    for flag in ("--student", "--encoder"):  # a folder by its full path: ./m and /abs/m alike
+        if isinstance(out.get(flag), str) and Path(out[flag]).expanduser().is_dir():
+            out[flag] = str(Path(out[flag]).expanduser().resolve())
+    if not resolved:  # before the student is loaded: only what is known for sure
+        for flag in ("--lr", "--epochs", "--encoder"):
+            out.pop(flag)
+    return out
+
+
+def file_sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def tokenizer_id(tok) -> str:
+    vocab = json.dumps(sorted(tok.get_vocab().items()), ensure_ascii=False)
+    return f"{len(tok)} tokens, sha256 {hashlib.sha256(vocab.encode()).hexdigest()[:16]}"
+
+
+def saved_identity(state: dict) -> dict:
+    return state.get("run", {"--variant": state.get("variant", "mind")})  # older checkpoints
+
+
+def check_same_run(path: Path, saved: dict, now: dict) -> None:
+    """A DataError of one line listing each setting whose saved value differs from this run's;
+    only the settings both know are compared (`now` is partial before the student is loaded)."""
+    diff = [f"{k} saved {saved[k]}, now {now[k]}" for k in now
+            if k in saved and saved[k] != now[k] and k != "data file"]
+    diff = [d + f" ({saved['data file']} then, {now['data file']} now)" * d.startswith("--data ")
+            for d in diff]
+    if diff:
+        raise DataError(f"{path} is from another run: {'; '.join(diff)}. Resume with its "
+                        f"settings, or start afresh in another --out")
+
+
+def save_checkpoint(out: Path, step, epoch, micro, peft_model, metanet, opt, meta_opt, world,
+                    identity: dict):
     tmp, final = out / "checkpoint.tmp", out / f"checkpoint-{step:06d}"
     if rank() == 0:
-        tmp.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # what a save that crashed left behind
+        tmp.mkdir(parents=True)
         peft_model.save_pretrained(tmp / "adapter")
-        torch.save({"step": step, "epoch": epoch, "micro": micro, "world": world, "variant": variant, "metanet": metanet.state_dict(),
-                    "opt": opt.state_dict(), "meta_opt": meta_opt.state_dict()}, tmp / "state.pt")
+        torch.save({"step": step, "epoch": epoch, "micro": micro, "world": world,
+                    "variant": identity["--variant"], "run": identity,
+                    "metanet": metanet.state_dict(), "opt": opt.state_dict(),
+                    "meta_opt": meta_opt.state_dict()}, tmp / "state.pt")
     barrier()
     torch.save({"cpu_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.empty(0),
-                "meta_grads": [p.grad if p.grad is not None else torch.zeros_like(p) for p in metanet.parameters()]},
+                "meta_grads": [p.grad if p.grad is not None else torch.zeros_like(p)
+                               for p in metanet.parameters()],
+                "lora_grads": {n: p.grad for n, p in peft_model.named_parameters()
+                               if p.grad is not None}},
                tmp / f"rank{rank()}.pt")
     barrier()
     if rank() == 0:
+        if final.exists():  # a damaged checkpoint of this step, which --resume skipped
+            shutil.rmtree(final)
         os.replace(tmp, final)  # atomic: a checkpoint folder exists only when complete
     barrier()
     return final
 
 
-def load_checkpoint(path: Path, peft_model, metanet, opt, meta_opt, world, variant="mind"):
-    from peft import set_peft_model_state_dict
+def claim_out(out: Path, resume: bool) -> None:
+    """Makes the output folder, refusing one that holds checkpoints unless the run resumes them."""
+    if not resume and any(out.glob("checkpoint-[0-9]*")):
+        raise DataError(f"{out} already holds checkpoints: pass --resume to continue, or choose "
+                        f"another --out")
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def save_final(out: Path, peft_model, metanet, checkpoint: Path) -> None:
+    """The run's latest adapter and MetaNet beside its checkpoints (rank 0); the adapter folder is
+    replaced whole, so it is never a mix of two saves."""
+    if rank() == 0:
+        shutil.rmtree(out / "adapter.tmp", ignore_errors=True)
+        peft_model.save_pretrained(out / "adapter.tmp")
+        shutil.rmtree(out / "adapter", ignore_errors=True)
+        os.replace(out / "adapter.tmp", out / "adapter")
+        torch.save(metanet.state_dict(), out / "metanet.tmp")
+        os.replace(out / "metanet.tmp", out / "metanet.pt")
+        print(f"saved {checkpoint}; latest adapter in {out / 'adapter'}")
+
+
+class Damaged(Exception):
+    """What is wrong with a checkpoint folder: a file missing or unreadable."""
+
+
+def onto(device):
+    """torch.load's map_location for a run on `device`: a tensor saved from any GPU comes to this
+    run's device (so a checkpoint written on a GPU resumes on a CPU, and under torchrun each rank
+    reads onto its own GPU); one saved from the CPU stays there, as AdamW keeps its step counts."""
+    return lambda storage, saved_on: storage if saved_on == "cpu" else storage.to(device=device)
+
+
+def read_checkpoint(path: Path, world: int, device) -> dict:
+    """One checkpoint's files as this rank needs them, read onto `device`; Damaged, saying what is
+    wrong, if one is missing or cannot be read."""
     from safetensors.torch import load_file
-    state = torch.load(path / "state.pt", weights_only=True)
-    if state["world"] != world:
-        raise DataError(f"{path}: saved by {state['world']} process(es), resumed with {world}; use the same number")
-    if state.get("variant", "mind") != variant:
-        raise DataError(f"{path}: a --variant {state.get('variant', 'mind')} run, resumed as --variant {variant}; "
-                        f"use the same variant, or another --out")
-    set_peft_model_state_dict(peft_model, load_file(path / "adapter" / "adapter_model.safetensors"))
+
+    def read(name, reader):
+        if not (path / name).is_file():
+            raise Damaged(f"{name} is missing")
+        try:
+            return reader(path / name)
+        except Exception as e:  # truncated, or not what we wrote: the readers' errors vary
+            why = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+            raise Damaged(f"{name} is unreadable, truncated or damaged ({why})") from None
+
+    torch_load = lambda f: torch.load(f, map_location=onto(device), weights_only=True)
+    state = read("state.pt", torch_load)
+    if not isinstance(state, dict) or not {"step", "epoch", "micro", "world", "metanet", "opt",
+                                           "meta_opt"} <= state.keys():
+        raise Damaged("state.pt does not hold what save_checkpoint writes")
+    if state.get("world") != world:  # before the rank files: another number of them is expected
+        raise DataError(f"{path}: saved by {state.get('world')} process(es), resumed with {world}; "
+                        f"use the same number")
+    return {"path": path, "state": state, "rank": read(f"rank{rank()}.pt", torch_load),
+            "adapter": read("adapter/adapter_model.safetensors",
+                            lambda f: load_file(f, device=str(device)))}
+
+
+def find_checkpoint(out: Path, world: int, device, identity: dict, log=print) -> dict | None:
+    """The newest checkpoint in `out` that can be read (by every rank), checked against the
+    run's identity as far as it is known; a line for each damaged one on the way."""
+    ckpts = sorted(out.glob("checkpoint-[0-9]*"), reverse=True)
+    if not ckpts:
+        log(f"--resume: no checkpoint in {out} yet, so the run starts from the beginning")
+    skipped = []
+    for path in ckpts:
+        try:
+            ck, bad = read_checkpoint(path, world, device), 0.0
+        except Damaged as e:  # said once, or by the rank whose own file it is
+            if rank() == 0 or str(e).startswith(f"rank{rank()}.pt"):
+                print(f"warning: {path} cannot be resumed: {e}", flush=True)
+            ck, bad = None, 1.0
+        if not all_sum(torch.tensor([bad], device=device)).item():  # readable on every rank
+            check_same_run(path, saved_identity(ck["state"]), identity)
+            return ck | {"skipped": skipped}
+        skipped.append(path.name)
+    if ckpts:
+        raise DataError(f"{out}: none of its {len(ckpts)} checkpoint(s) can be resumed (see the "
+                        f"warnings above); move them away to start afresh, or choose another --out")
+    return None
+
+
+def load_checkpoint(ck: dict, identity: dict, peft_model, metanet, opt, meta_opt, log=print):
+    """Puts a checkpoint from find_checkpoint into the run, after checking that the now complete
+    identity matches; returns (step, epoch, micro-batch) to continue from."""
+    from peft import set_peft_model_state_dict
+    path, state, mine = ck["path"], ck["state"], ck["rank"]
+    check_same_run(path, saved_identity(state), identity)
+    set_peft_model_state_dict(peft_model, ck["adapter"])
     metanet.load_state_dict(state["metanet"])
     opt.load_state_dict(state["opt"])
     meta_opt.load_state_dict(state["meta_opt"])
-    mine = torch.load(path / f"rank{rank()}.pt", weights_only=True)
     for p, g in zip(metanet.parameters(), mine["meta_grads"]):
         p.grad = g.to(p.device).clone()
-    torch.set_rng_state(mine["cpu_rng"])
+    lora_grads = mine.get("lora_grads", {})
+    for n, p in peft_model.named_parameters():
+        if p.requires_grad:
+            p.grad = lora_grads[n].to(p.device).clone() if n in lora_grads else None
+    torch.set_rng_state(mine["cpu_rng"].cpu())
     if torch.cuda.is_available() and mine["cuda_rng"].numel():
-        torch.cuda.set_rng_state(mine["cuda_rng"])
+        torch.cuda.set_rng_state(mine["cuda_rng"].cpu())
+    trim_metrics(path.parent / "metrics.jsonl", state["step"], state["epoch"])
+    older = f": the newest complete checkpoint ({', '.join(ck['skipped'])} cannot be resumed)"
+    log(f"resumed from {path} (step {state['step']}, epoch {state['epoch']}, micro-batch "
+        f"{state['micro']}){older if ck['skipped'] else ''}")
     return state["step"], state["epoch"], state["micro"]
+
+
+def trim_metrics(path: Path, step: int, epoch: int) -> None:
+    """Drops the records that a run wrote after the checkpoint it is resumed from (it stopped on a
+    NaN, was killed, or its newer checkpoint was damaged), so that each step is logged once."""
+    if rank() != 0 or not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a crash
+            continue
+        done = r.get("epoch", 0) <= epoch if r.get("kind") == "subjects" else r.get("step", 0) <= step
+        if done:
+            keep.append(line if line.endswith("\n") else line + "\n")
+    path.with_suffix(".tmp").write_text("".join(keep))
+    os.replace(path.with_suffix(".tmp"), path)
 
 
 def barrier():
@@ -202,6 +526,30 @@ class StopOnSignal:
     def __exit__(self, *exc):
         for s, h in self.previous.items():
             signal.signal(s, h)
+
+
+class Diverged(Exception):
+    """A loss became NaN or infinite. The run stops before the optimizer step that would spread it,
+    and nothing of the broken state is saved: the last checkpoint stays the last good one."""
+
+
+def stop_if_diverged(step: int, l_meta, info: dict, device, out: Path) -> None:
+    """Raises Diverged on every process if L_sft, L_cons or L_meta of this micro-batch is not
+    finite on any of them, naming the step (the optimizer step it belongs to) and the loss."""
+    losses = {"L_sft": info.get("sft"), "L_cons": info.get("cons"), "L_meta": l_meta}
+    losses = {k: v.detach().float().reshape(()) for k, v in losses.items() if v is not None}
+    if not losses:
+        return
+    bad = all_sum((~torch.isfinite(torch.stack(list(losses.values())))).float().to(device))
+    if not bad.any():
+        return
+    named = [f"{k} is {v.item()}" if not math.isfinite(v.item()) else f"{k} is not finite on "
+             f"another process" for (k, v), b in zip(losses.items(), bad.tolist()) if b]
+    ckpts = sorted(out.glob("checkpoint-[0-9]*"))
+    last = (f"the last checkpoint, {ckpts[-1]}, is from before it: --resume continues from there"
+            if ckpts else "no checkpoint had been written yet")
+    raise Diverged(f"step {step}: {', '.join(named)}; the run stops here and saves nothing of this "
+                   f"state; {last}")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ Usage:
   torchrun --nproc_per_node 2 mind.py --student Qwen/Qwen2.5-1.5B   # two GPUs, as in the paper
   python mind.py --student Qwen/Qwen2.5-1.5B --variant no-inertia   # an ablation (README)
 """
-import hashlib, math, os, sys
+import hashlib, math, os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, NamedTuple
@@ -45,9 +45,11 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import fast
-from infra import (DataError, RunLog, StopOnSignal, build_tiny, epoch_batches, flag_name,
-                   load_checkpoint, parse_config, rank, read_jsonl, save_checkpoint,
-                   setup_distributed)
+from infra import (DataError, Diverged, RunLog, StopOnSignal, broadcast_from_rank0, build_tiny,
+                   check_config, claim_out, demo_data_note, epoch_batches, fail, find_checkpoint,
+                   from_hub, get_peft_model, load_checkpoint, parse_config, rank,
+                   read_jsonl, run_identity, save_checkpoint, save_final, setup_distributed,
+                   stop_if_diverged, validate_row)
 from prompts import PERSPECTIVE_KEYS, answer_suffix, plain_prompt, student_prompt
 
 K = len(PERSPECTIVE_KEYS)
@@ -82,7 +84,8 @@ class Config:
                        "alpha from the student's losses), no-synergy (Fig. 7b: MetaNet without "
                        "self-attention), topk:<1-8> (Fig. 6)")
     seed: int = opt("run", 0, "random seed")
-    resume: bool = opt("run", False, "continue from the latest checkpoint in --out")
+    resume: bool = opt("run", False, "continue from the newest complete checkpoint in --out, "
+                       "with the same settings but for those that change only the cost")
     max_steps: int = opt("run", 0, "stop (and checkpoint) after this many optimizer steps in all; "
                          "0 = no limit")
     log_every: int = opt("run", 1, "optimizer steps between log lines")
@@ -139,27 +142,8 @@ class Config:
     TINY_LR: ClassVar[float] = 3e-3
     LARGE_STUDENT: ClassVar[float] = 4e9
 
-    def __post_init__(self):
-        checks = {"beta": 0 <= self.beta <= 1, "tau": self.tau > 0,
-                  "tau_student": self.tau_student > 0, "batch_size": self.batch_size >= 1,
-                  "grad_accum": self.grad_accum >= 1, "meta_grad_accum": self.meta_grad_accum >= 1,
-                  "lambda_": self.lambda_ >= 0, "max_len": self.max_len >= 16,
-                  "loss_chunk": self.loss_chunk >= 1, "lora_dropout": self.lora_dropout == 0,
-                  "max_tokens_per_pass": self.max_tokens_per_pass >= self.max_len,
-                  "device": self.device in ("auto", "cpu", "cuda")}
-        bad = [f"--{flag_name(k)} {getattr(self, k)}" for k, ok in checks.items() if not ok]
-        if bad:
-            raise ValueError(f"out of range: {', '.join(bad)} (see --help)")
-        name, _, arg = self.variant.partition(":")
-        if name == "single" and arg not in PERSPECTIVE_KEYS:
-            raise ValueError(f"--variant {self.variant}: single:<perspective> takes one of "
-                             f"{', '.join(PERSPECTIVE_KEYS)}")
-        if name == "topk" and arg not in [str(k) for k in range(1, K + 1)]:
-            raise ValueError(f"--variant {self.variant}: topk:<K> takes K = 1 to {K}")
-        plain = ("mind", "uniform", "no-inertia", "no-synergy")
-        if name not in ("single", "topk") and (arg or name not in plain):
-            raise ValueError(f"--variant {self.variant}: expected mind, single:<perspective>, "
-                             f"uniform, no-inertia, no-synergy or topk:<K>")
+    def __post_init__(self):  # every value in range, before any work (infra.check_config)
+        check_config(self)
 
     @property
     def metanet_used(self) -> bool:  # the variants without MetaNet skip its warmup and Eq. 1
@@ -177,7 +161,7 @@ def parse_args(argv=None) -> Config:
 def load_data(path) -> list[dict]:
     rows, seen = [], {}
     for n, row in read_jsonl(path):  # one line, file:line, if the file is not UTF-8 JSON lines
-        validate_row(row, f"{path}:{n}")
+        validate_row(row, f"{path}:{n}")  # the fields and their types (infra.py)
         if row["id"] in seen:
             raise DataError(f"{path}:{n} (problem {row['id']!r}): id already used on line "
                             f"{seen[row['id']]}")
@@ -186,27 +170,6 @@ def load_data(path) -> list[dict]:
     if not rows:
         raise DataError(f"{path}: no problems in the file")
     return rows
-
-
-def validate_row(row, where: str) -> None:
-    if not isinstance(row, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-    where += f" (problem {row.get('id', '?')!r})"
-    for key, typ in (("id", str), ("problem", str), ("answer", str), ("rationales", dict)):
-        if key not in row:
-            raise DataError(f"{where}: missing field '{key}'")
-        if not isinstance(row[key], typ) or (typ is str and not row[key].strip()):
-            raise DataError(f"{where}: field '{key}' must be a non-empty {typ.__name__}")
-    rationales = row["rationales"]
-    for key in rationales:
-        if key not in PERSPECTIVE_KEYS:
-            raise DataError(f"{where}: unknown perspective {key!r} (expected: "
-                            f"{', '.join(PERSPECTIVE_KEYS)})")
-    for key in PERSPECTIVE_KEYS:
-        if key not in rationales:
-            raise DataError(f"{where}: missing the {key!r} rationale (every problem needs all {K})")
-        if not isinstance(rationales[key], str) or not rationales[key].strip():
-            raise DataError(f"{where}: the {key!r} rationale is empty")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -359,12 +322,12 @@ def load_student(name: str, cfg: Config, texts: list[str], device):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     encoder = None
     if name == "tiny":
-        model, tok, encoder = build_tiny(texts, cfg.seed, cfg.max_len)
-        model.save_pretrained(Path(cfg.out) / "tiny-student")  # the saved adapter's base, on disk
-        tok.save_pretrained(Path(cfg.out) / "tiny-student")
+        tiny = Path(cfg.out) / "tiny-student"  # saved there: the base of the run's adapter
+        model, tok, encoder = build_tiny(texts, cfg.seed, cfg.max_len, save_to=tiny)
     else:
-        tok = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=fast.student_dtype(device))
+        tok = from_hub(AutoTokenizer.from_pretrained, name, "--student")  # or one clear line
+        model = from_hub(AutoModelForCausalLM.from_pretrained, name, "--student",
+                         dtype=fast.student_dtype(device))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     n_params = model.num_parameters()
@@ -374,7 +337,7 @@ def load_student(name: str, cfg: Config, texts: list[str], device):
 def add_lora(model, cfg: Config, device):
     """LoRA on all linear layers [Table 8]; no dropout anywhere in the student, so that the two
     passes of micro_step compute the same function; packed attention unless the model refuses."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
     for m in model.modules():
         if isinstance(m, nn.Dropout):
             m.p = 0.0
@@ -390,7 +353,7 @@ def add_lora(model, cfg: Config, device):
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules="all-linear", task_type="CAUSAL_LM",  # not the LM head
                       fan_in_fan_out=model.config.model_type == "gpt2")  # GPT-2: transposed linears
-    peft_model = get_peft_model(model, lora).to(device)
+    peft_model = get_peft_model(model, lora).to(device)  # infra.py: without a FutureWarning
     fast.skip_lora_input_cast(peft_model)
     return peft_model
 
@@ -599,6 +562,7 @@ class Run:
     warmup_epochs: int
     steps_per_epoch: int
     subjects: list[str]         # for the per-subject alpha records (Section 5)
+    identity: dict              # what defines the run, saved in each checkpoint (infra.py)
     step: int = 0               # optimizer steps done
     epoch: int = 0              # where to start (after --resume: where the checkpoint was)
     micro: int = 0
@@ -621,16 +585,15 @@ def prepare(cfg: Config) -> Run:
     rnk, world, device = setup_distributed(cfg)
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
-    ckpts = sorted(out.glob("checkpoint-[0-9]*"))
-    if ckpts and not cfg.resume:  # checked before any work, so that nothing in `out` is overwritten
-        raise DataError(f"{out} already holds checkpoints: pass --resume to continue, or choose "
-                        f"another --out")
-    out.mkdir(parents=True, exist_ok=True)
+    claim_out(out, cfg.resume)  # one that holds checkpoints only with --resume: nothing overwritten
     built = HERE / "data" / "mind_math.jsonl"  # made by data/build.py; else the shipped sample
     data_path = Path(cfg.data) if cfg.data else built if built.exists() else HERE / "data" / "sample.jsonl"
     rows = load_data(data_path)
     log = print if rnk == 0 else (lambda *a, **k: None)
     log(f"data: {len(rows)} problems x {K} perspectives from {data_path}")
+    demo_data_note(cfg.student, data_path, len(rows), log)  # a real student on the demo sample
+    identity = run_identity(cfg, data_path)  # what defines the run; --resume refuses any other
+    saved = find_checkpoint(out, world, device, identity, log) if cfg.resume else None
 
     texts = [r["problem"] for r in rows] + [t for r in rows for t in r["rationales"].values()]
     peft_model, tok, n_params, encoder = load_student(cfg.student, cfg, texts, device)
@@ -641,13 +604,12 @@ def prepare(cfg: Config) -> Run:
     encoder_id = cfg.encoder or default_encoder
     if encoder is None or encoder_id != "tiny":
         from sentence_transformers import SentenceTransformer
-        encoder = SentenceTransformer(encoder_id, device=str(device))
+        encoder = from_hub(SentenceTransformer, encoder_id, "--encoder", device=str(device))
     h_x, h_r = embed(encoder, rows, out / "embeddings.pt", f"{encoder_id}:{cfg.seed}")
     del encoder
     paths, n_cut = tokenize_paths(tok, rows, cfg.max_len)
     if n_cut:
-        log(f"warning: {n_cut} of {len(rows) * K} rationales exceed --max-len {cfg.max_len} and "
-            f"were cut")
+        log(f"warning: {n_cut} of {len(rows) * K} rationales exceed --max-len {cfg.max_len}: cut")
 
     synergy = cfg.variant != "no-synergy"
     metanet = MetaNet(h_x.shape[-1], cfg.meta_dim, cfg.meta_heads, synergy=synergy).to(device)
@@ -656,18 +618,17 @@ def prepare(cfg: Config) -> Run:
     meta_opt = torch.optim.AdamW(metanet.parameters(), lr=cfg.meta_lr_warmup, weight_decay=0.0)
     n_micro = len(epoch_batches(len(rows), cfg.batch_size, cfg.seed, 0, rnk, world))
     have = all("subject" in r for r in rows)
+    identity = run_identity(cfg, data_path, lr=lr, epochs=epochs, encoder=encoder_id, tokenizer=tok)
     run = Run(cfg, device, world, out, rows, paths, h_x, h_r, peft_model, metanet, opt, meta_opt,
               lr, epochs, cfg.warmup_epochs if cfg.metanet_used else 0,  # no MetaNet, no warmup
-              math.ceil(n_micro / cfg.grad_accum), sorted({r["subject"] for r in rows}) if have else [])
-    if cfg.resume and ckpts:
-        run.step, run.epoch, run.micro = load_checkpoint(ckpts[-1], peft_model, metanet, opt,
-                                                         meta_opt, world, cfg.variant)
-        log(f"resumed from {ckpts[-1]} (step {run.step}, epoch {run.epoch}, micro-batch {run.micro})")
-        run.checkpoint, run.saved_at = ckpts[-1], (run.epoch, run.micro)
-    run.scaler = fast.grad_scaler(device)
-    if world > 1:  # one start for all processes
-        for p in [*lora_params, *metanet.parameters()]:
-            dist.broadcast(p.data, 0)
+              math.ceil(n_micro / cfg.grad_accum), sorted({r["subject"] for r in rows}) if have else [],
+              identity)
+    if saved:
+        run.step, run.epoch, run.micro = load_checkpoint(saved, identity, peft_model, metanet, opt,
+                                                         meta_opt, log)
+        run.checkpoint, run.saved_at = saved, (run.epoch, run.micro)
+    run.scaler = fast.grad_scaler(device)  # loss scaling where the student computes in fp16
+    broadcast_from_rank0([*lora_params, *metanet.parameters()])  # one start for all processes
     log(f"student: {cfg.student} ({n_params / 1e6:,.1f}M), lr {lr:g}, {run.warmup_epochs} warmup + "
         f"{epochs} epochs, {planned_steps(run)} optimizer steps, {world} process(es) on {device}")
     return run
@@ -689,7 +650,7 @@ def optimizer_step(opt, params, max_norm: float | None = None, scaler=None) -> N
     """Mean of the accumulated gradients over the processes, clip, step, zero. With a GradScaler
     (fp16), the gradients are unscaled before clipping, and a step with inf/NaN is skipped.
 
-    The all-reduce is done by hand, not by DDP: DDP all-reduces in hooks on every backward, and
+    The all-reduce is done here, not by DDP: DDP all-reduces in hooks on every backward, and
     micro_step runs one backward per pass, so several per micro-batch."""
     params = list(params)
     if dist.is_initialized():
@@ -713,7 +674,7 @@ def optimizer_step(opt, params, max_norm: float | None = None, scaler=None) -> N
 def save(run: Run, epoch: int, micro: int) -> None:
     """A checkpoint of the run as it is before micro-batch `micro` of `epoch`."""
     run.checkpoint = save_checkpoint(run.out, run.step, epoch, micro, run.peft_model, run.metanet,
-                                     run.opt, run.meta_opt, run.world, run.cfg.variant)
+                                     run.opt, run.meta_opt, run.world, run.identity)
     run.saved_at = (epoch, micro)
 
 
@@ -743,6 +704,7 @@ def train_epoch(run: Run, epoch: int, log: RunLog, stop: StopOnSignal) -> bool:
             if (epoch, i) != run.saved_at:
                 save(run, epoch, i)
             raise DataError(f"{e}; the run so far is in {run.checkpoint} (--resume)") from None
+        stop_if_diverged(run.step + 1, l_meta, info, run.device, run.out)  # NaN: stop, save nothing
         if l_meta is not None:  # Eq. 1 moves MetaNet; Eq. 4's backward was done in micro_step
             (l_meta / n_meta).backward()
         if meta_steps and cfg.metanet_used:
@@ -784,10 +746,8 @@ def main(cfg: Config) -> dict:
     finally:
         torch.use_deterministic_algorithms(False)  # global state: leave it as found
         log.close()
-    if rank() == 0 and run.checkpoint is not None:
-        run.peft_model.save_pretrained(run.out / "adapter")  # for PeftModel.from_pretrained
-        torch.save(run.metanet.state_dict(), run.out / "metanet.pt")
-        print(f"saved {run.checkpoint}; latest adapter in {run.out / 'adapter'}")
+    if run.checkpoint is not None:  # out/adapter (for PeftModel.from_pretrained), out/metanet.pt
+        save_final(run.out, run.peft_model, run.metanet, run.checkpoint)
     if dist.is_initialized():
         dist.destroy_process_group()
     return {"out": str(run.out), "step": run.step, "metrics": log.last,
@@ -798,7 +758,5 @@ def main(cfg: Config) -> dict:
 if __name__ == "__main__":
     try:
         main(parse_args())
-    except (DataError, OSError) as e:  # bad data, a missing file, a model that cannot be loaded
-        if os.environ.get("RANK", "0") == "0":  # under torchrun, every process would say it
-            print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except (DataError, OSError, Diverged) as e:  # bad data or model, a missing file, a NaN loss
+        fail(e)  # one line on stderr (rank 0), exit status 2

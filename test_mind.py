@@ -429,15 +429,22 @@ BAD = {
     "empty problem": (lambda r: r.update(problem=""), "field 'problem' must be a non-empty str"),
     "duplicate id": (lambda r: r.update(id="p0"), "(problem 'p0'): id already used on line 1"),
     "not an object": ("[1, 2]", "expected a JSON object"),
+    "not UTF-8": (b'{"id": "p1", "problem": "caf\xe9"}', "not UTF-8 (byte 0xe9 at column 29)"),
+    "answer not a string": (lambda r: r.update(answer=2), "field 'answer' must be a non-empty str"),
+    "rationales not an object": (lambda r: r.update(rationales=["x"] * K), "field 'rationales' must be a non-empty dict"),
+    "subject not a string": (lambda r: r.update(subject=3), "field 'subject' must be a non-empty str, got 3"),
+    "level not an int": (lambda r: r.update(level="3"), "field 'level' must be an int, got '3'"),
+    "level a bool": (lambda r: r.update(level=True), "field 'level' must be an int, got True"),
 }
 
 
 def write_bad(tmp_path, kind):
     spoil, _ = BAD[kind]
     r = good_row(1)
-    line = spoil if isinstance(spoil, str) else (spoil(r), json.dumps(r))[1]
+    line = spoil if isinstance(spoil, (str, bytes)) else (spoil(r), json.dumps(r))[1]
+    line = line if isinstance(line, bytes) else line.encode()
     path = tmp_path / "bad.jsonl"
-    path.write_text(json.dumps(good_row(0)) + "\n" + line + "\n")
+    path.write_bytes(json.dumps(good_row(0)).encode() + b"\n" + line + b"\n")
     return path
 
 
@@ -448,8 +455,9 @@ def test_bad_input_is_one_clear_error(tmp_path, kind):
         mind.load_data(path)
     msg = str(e.value)
     assert msg.startswith(f"{path}:2") and BAD[kind][1] in msg
-    if kind not in ("bad JSON", "not an object"):
+    if kind not in ("bad JSON", "not an object", "not UTF-8"):
         assert "problem 'p" in msg
+    assert "\n" not in msg
 
 
 def test_cli_reports_bad_input_without_traceback(tmp_path):
@@ -668,7 +676,7 @@ def test_variant_mind_is_the_default_run(tmp_path, small_data):
     assert a["metrics"] == {**b["metrics"], "tokens_per_s": a["metrics"]["tokens_per_s"]} and a["metrics"]["variant"] == "mind"
     (a1, m1), (a2, m2) = final_state(tmp_path / "a"), final_state(tmp_path / "b")
     assert all(torch.equal(a1[n], a2[n]) for n in a1) and all(torch.equal(m1[n], m2[n]) for n in m1)
-    with pytest.raises(mind.DataError, match="a --variant mind run, resumed as --variant uniform"):
+    with pytest.raises(mind.DataError, match="from another run: --variant saved mind, now uniform"):
         mind.main(tiny_cfg(tmp_path / "a", small_data, resume=True, variant="uniform"))
 
 
