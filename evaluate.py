@@ -563,14 +563,22 @@ def load_model(student: str, adapter: str | None):
     import torch
     from transformers import AutoModelForCausalLM
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    # bf16 where the GPU has it natively (Ampere, compute capability 8, and newer); fp16 on older
+    # GPUs (T4, V100), which emulate bf16 slowly though torch.cuda.is_bf16_supported() says True
+    dtype = torch.float32
+    if device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.get_device_capability()[0] >= 8 else torch.float16
     try:
-        model = AutoModelForCausalLM.from_pretrained(student, dtype=torch.bfloat16 if bf16 else torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(student, dtype=dtype)
     except (OSError, ValueError) as e:
         raise EvalError(f"--student {student}: cannot load the model ({str(e).strip().splitlines()[0]})") from None
     if adapter:
+        import warnings
         from peft import PeftModel
-        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()  # plain weights: faster decoding
+        with warnings.catch_warnings():  # peft reads transformers' deprecated is_gradient_checkpointing
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated",
+                                    category=FutureWarning)
+            model = PeftModel.from_pretrained(model, adapter).merge_and_unload()  # plain weights: faster decoding
     return model.to(device).eval()
 
 

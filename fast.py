@@ -84,6 +84,19 @@ def plan_passes(lengths: list[int], budget: int, packed: bool) -> list[list[int]
     return passes
 
 
+def auto_pass_budget(cfg, model_config, n_params: int, free_bytes: int | None) -> int:
+    """--max-tokens-per-pass 0: the largest budget whose estimated peak (bench.memory_model, with
+    its allowance) fits `free_bytes`, the GPU memory free before the student was loaded; without a
+    GPU, the default 2048."""
+    if free_bytes is None:
+        return 2048
+    import bench  # the memory model lives with the benchmark whose tests hold it to CPU counts
+    checkpointing = cfg.grad_checkpointing or (cfg.grad_checkpointing is None
+                                               and n_params >= cfg.LARGE_STUDENT)
+    return bench.auto_pass_budget(free_bytes, model_config, bool(checkpointing), cfg.batch_size,
+                                  cfg.max_len, lora_r=cfg.lora_r, loss_chunk=cfg.loss_chunk)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Packed paths: several paths in one row, each attending only to itself.
 PACKED = "mind_packed"  # our attention function's name in transformers' AttentionInterface

@@ -97,7 +97,7 @@ def check_config(c) -> None:
               "lora_r": c.lora_r >= 1, "lora_alpha": c.lora_alpha >= 1,
               "lora_dropout": c.lora_dropout == 0, "meta_dim": c.meta_dim >= 1,
               "meta_heads": c.meta_heads >= 1, "max_len": c.max_len >= 16,
-              "max_tokens_per_pass": c.max_tokens_per_pass >= c.max_len,
+              "max_tokens_per_pass": c.max_tokens_per_pass == 0 or c.max_tokens_per_pass >= c.max_len,
               "loss_chunk": c.loss_chunk >= 1, "log_every": c.log_every >= 1,
               "max_steps": c.max_steps >= 0, "seed": 0 <= c.seed < 2**32,
               "device": c.device in ("auto", "cpu", "cuda")}
@@ -638,6 +638,13 @@ class RunLog:
     def print(self, line: str) -> None:
         if self.writer:
             self.bar.write(line)
+
+    def event(self, line: str, **record) -> None:
+        """A line on the progress bar and the same event as one metrics.jsonl record."""
+        self.print(line)
+        if self.writer:
+            self.metrics.write(json.dumps(record | {"message": line}) + "\n")
+            self.metrics.flush()
 
     def close(self) -> None:
         self.bar.close()

@@ -57,7 +57,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import mind
+import fast, mind
 from prompts import PERSPECTIVE_KEYS
 
 K = len(PERSPECTIVE_KEYS)
@@ -220,8 +220,7 @@ def load_student(name: str, device):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     try:
         tok = AutoTokenizer.from_pretrained(name)
-        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.bfloat16 if bf16 else torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=fast.student_dtype(device))  # bf16/fp16/fp32
     except (OSError, ValueError) as e:
         raise LatentError(f"{name}: cannot load the student ({str(e).strip().splitlines()[0]})") from None
     if tok.pad_token is None:

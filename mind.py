@@ -13,10 +13,14 @@ student and its paths, 6 the training step, 7 the schedule (warmup, then calibra
 
 Where we go beyond or against the letter of the paper (every value it leaves open is "ours" in
 Config):
-  1. Scores pass through a sigmoid into (0, 1), so that the threshold beta * max(s) is meaningful.
+  1. Scores pass through a sigmoid into (0, 1): the threshold beta * max(s) needs positive
+     scores. Eq. 1 cannot fix their level (adding a constant to s changes no softmax), so how
+     many paths lie within beta of the best depends on where in (0, 1) MetaNet puts them.
   2. L_real is the mean token cross-entropy of path k (rationale + answer suffix, prompt masked).
   3. A fixed answer suffix closes every rationale (prompts.answer_suffix), so P(y | x, r_i) in
      Eq. 3 is read at the same answer token ids on every path; JSD is averaged over those tokens.
+     The teacher's rationales already end in the boxed answer, so under teacher forcing these
+     distributions are close and L_cons is small (about 1e-3 nats in the tiny demo).
   4. MetaNet gets a residual connection and LayerNorm around its self-attention (common practice).
   5. The paper gives no schedule: learning rates are constant, gradients clipped at 1.0.
   6. Table 8 gives MetaNet and a 1.5B student the same LR (5e-5), though 3.3.2 says MetaNet's is
@@ -91,7 +95,8 @@ class Config:
     log_every: int = opt("run", 1, "optimizer steps between log lines")
 
     epochs: int | None = opt("paper", None, "student epochs after the warmup [Table 8: 8 for 1.5B, "
-                             "6 for 7B/8B]")
+                             "6 for 7B/8B; ours: counted after the warmup epoch, which Table 8 "
+                             "lists apart]")
     lr: float | None = opt("paper", None, "student learning rate [Table 8: 5e-5 for 1.5B, 1e-4 for "
                            "7B/8B; ours: 3e-3 for the tiny demo]")
     batch_size: int = opt("paper", 4, "problems per device per micro-step, each with K=8 paths "
@@ -103,8 +108,8 @@ class Config:
 
     meta_grad_accum: int = opt("ours", 16, "MetaNet gradient accumulation while calibrating [ours: "
                                "3.3.2 asks for more than the student's; 4x]")
-    tau: float = opt("ours", 1.0, "temperature of Eq. 1 [ours: neutral; the minimiser s = c - L_real "
-                     "does not depend on it]")
+    tau: float = opt("ours", 1.0, "temperature of Eq. 1 [ours: neutral; where scores can reach "
+                     "s = c - L_real, that minimiser does not depend on it]")
     tau_student: float = opt("ours", 0.1, "temperature of alpha [ours: scores lie in (0,1), so 1.0 "
                              "would give near-uniform alpha]")
     beta: float = opt("ours", 0.9, "tolerance of I_dyn: keep s_k >= beta*max(s) [ours: paths within "
@@ -123,9 +128,11 @@ class Config:
     max_grad_norm: float = opt("ours", 1.0, "clip the student's gradient norm [ours: the paper gives "
                                "no schedule; a common safeguard]")
 
-    max_tokens_per_pass: int = opt("engineering", 3072, "tokens in one forward pass of the student, "
-                                   "at least --max-len: bounds GPU memory whatever MetaNet selects "
-                                   "[ours: memory figures in the README]")
+    max_tokens_per_pass: int = opt("engineering", 2048, "tokens in one forward pass of the student, "
+                                   "at least --max-len, or 0: the most that the GPU's free memory "
+                                   "holds (bench.memory_model). Bounds memory whatever MetaNet "
+                                   "selects [ours: by the memory model, 2048 keeps a 1.5B student "
+                                   "under 12 GiB and a 7B one under 22 GiB; docs/performance.md]")
     packing: bool = opt("engineering", True, "a pass's paths back to back in one row (no padding; "
                         "varlen attention on CUDA) [ours: speed]")
     loss_chunk: int = opt("engineering", 1024, "rows of logits alive at once in the per-path loss "
@@ -201,6 +208,7 @@ class MetaNet(nn.Module):
         self.align = nn.Sequential(nn.Linear(2 * d_enc, d), nn.GELU(), nn.Linear(d, d))
         # SelfAttn across the K perspectives; --variant no-synergy (Fig. 7b) drops it, and each
         # head then scores its path alone
+        self.synergy = synergy
         if synergy:
             self.attn = nn.MultiheadAttention(d, heads, batch_first=True)
             self.norm = nn.LayerNorm(d)
@@ -211,7 +219,7 @@ class MetaNet(nn.Module):
     def forward(self, h_x, h_r):                                    # h_x (B, D), h_r (B, K, D)
         e = self.align(torch.cat([h_x[:, None].expand_as(h_r), h_r], -1))        # E (B, K, d)
         z = e
-        if hasattr(self, "attn"):
+        if self.synergy:
             z = self.norm(e + self.attn(e, e, e, need_weights=False)[0])        # Z = SelfAttn(E)
         s = torch.cat([head(z[:, k]) for k, head in enumerate(self.heads)], -1)  # (B, K)
         return torch.sigmoid(s)  # in (0, 1): the threshold beta * max(s) needs positive scores
@@ -231,7 +239,8 @@ def metanet_loss(scores, student_losses, tau: float):
 
 def select_perspectives(scores, beta: float, tau_student: float):
     """I_dyn = {k : s_k >= beta * max(s)} and alpha = softmax(s / tau_student) over I_dyn, 0
-    elsewhere. scores (B, K) -> mask (B, K) bool, alpha (B, K). The argmax is always selected.
+    elsewhere (the paper's normaliser sums over "I_top"; we read it as I_dyn). scores (B, K) ->
+    mask (B, K) bool, alpha (B, K). The argmax is always selected.
 
     Both are constants: MetaNet learns from Eq. 1 only, never through the student's loss."""
     scores = scores.detach()
@@ -255,7 +264,7 @@ def variant_weights(variant: str, scores, l_real, beta: float, tau: float, tau_s
         s = torch.exp(-l_real)
         mask = s >= beta * s.max(-1, keepdim=True).values
         alpha = torch.softmax((-l_real / tau).masked_fill(~mask, float("-inf")), -1)
-        return mask, alpha                                                 # alpha ~ exp(-L / tau)
+        return mask, alpha  # alpha ~ exp(-L / tau): Eq. 1's temperature, on the losses' scale
     if name == "topk":  # Fig. 6: the K best scores instead of the beta threshold
         s = scores.detach()
         top = s.topk(int(arg), -1).indices
@@ -345,7 +354,10 @@ def add_lora(model, cfg: Config, device):
             m.attention_dropout = 0.0
     large = model.num_parameters() >= Config.LARGE_STUDENT
     if cfg.grad_checkpointing or (cfg.grad_checkpointing is None and large):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # its name from transformers 5.24
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.packing and not fast.enable_packing(model):  # it still trains, in padded passes
         print(f"warning: {model.name_or_path or 'the student'} cannot take packed paths: "
               f"padded passes instead")
@@ -596,7 +608,12 @@ def prepare(cfg: Config) -> Run:
     saved = find_checkpoint(out, world, device, identity, log) if cfg.resume else None
 
     texts = [r["problem"] for r in rows] + [t for r in rows for t in r["rationales"].values()]
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None  # before loading
     peft_model, tok, n_params, encoder = load_student(cfg.student, cfg, texts, device)
+    if cfg.max_tokens_per_pass == 0:  # the largest pass budget that the card holds
+        cfg.max_tokens_per_pass = fast.auto_pass_budget(cfg, peft_model.config, n_params, free)
+        log(f"passes of up to {cfg.max_tokens_per_pass} tokens (--max-tokens-per-pass 0: from "
+            f"the free GPU memory)")
     small = n_params < Config.LARGE_STUDENT  # Table 8's two rows: 1.5B-class and 7B/8B-class
     lr = cfg.lr or (Config.TINY_LR if cfg.student == "tiny" else 5e-5 if small else 1e-4)
     epochs = cfg.epochs or (8 if small else 6)
@@ -605,6 +622,7 @@ def prepare(cfg: Config) -> Run:
     if encoder is None or encoder_id != "tiny":
         from sentence_transformers import SentenceTransformer
         encoder = from_hub(SentenceTransformer, encoder_id, "--encoder", device=str(device))
+    # the seed is part of the cache key: the tiny encoder's weights are drawn from it
     h_x, h_r = embed(encoder, rows, out / "embeddings.pt", f"{encoder_id}:{cfg.seed}")
     del encoder
     paths, n_cut = tokenize_paths(tok, rows, cfg.max_len)
@@ -678,9 +696,9 @@ def save(run: Run, epoch: int, micro: int) -> None:
     run.saved_at = (epoch, micro)
 
 
-def train_epoch(run: Run, epoch: int, log: RunLog, stop: StopOnSignal) -> bool:
+def train_epoch(run: Run, epoch: int, warmup: bool, log: RunLog, stop: StopOnSignal) -> bool:
     """One epoch of micro-batches; True if the run stops here (a signal, or --max-steps)."""
-    cfg, warmup = run.cfg, epoch < run.warmup_epochs
+    cfg = run.cfg
     # MetaNet's hysteresis (3.3.2): while calibrating, it accumulates over more micro-batches than
     # the student. In the warmup (ours: the paper gives no accumulation) it takes the student's.
     meta_accum = cfg.grad_accum if warmup else cfg.meta_grad_accum
@@ -690,16 +708,18 @@ def train_epoch(run: Run, epoch: int, log: RunLog, stop: StopOnSignal) -> bool:
     first = run.micro if epoch == run.epoch else 0
     for i in range(first, len(batches)):
         idx, last = batches[i], i == len(batches) - 1
-        n_acc, student_steps = accumulation_window(i, len(batches), cfg.grad_accum)
-        n_meta, meta_steps = accumulation_window(i, len(batches), meta_accum)
+        n_acc, student_due = accumulation_window(i, len(batches), cfg.grad_accum)
+        n_meta, meta_due = accumulation_window(i, len(batches), meta_accum)
         problems = [run.paths[b] for b in idx]
         lora = run.opt.param_groups[0]["params"]
         step = lambda: micro_step(cfg, problems, run.h_x[idx], run.h_r[idx], run.metanet, run.body,
                                   run.head, warmup, run.device, 1 / n_acc, run.scaler)
         # An out-of-memory error redoes the micro-step with smaller passes (fast.py)
         longest = max(len(p.ids) for pp in problems for p in pp)
+        say = lambda line: log.event(line, kind="oom", step=run.step,
+                                     max_tokens_per_pass=cfg.max_tokens_per_pass)
         try:
-            l_meta, info = fast.retry_on_oom(step, lora, cfg, longest, log.print)
+            l_meta, info = fast.retry_on_oom(step, lora, cfg, longest, say)
         except fast.OutOfMemory as e:  # nothing is lost: a checkpoint from before this micro-batch
             if (epoch, i) != run.saved_at:
                 save(run, epoch, i)
@@ -707,10 +727,10 @@ def train_epoch(run: Run, epoch: int, log: RunLog, stop: StopOnSignal) -> bool:
         stop_if_diverged(run.step + 1, l_meta, info, run.device, run.out)  # NaN: stop, save nothing
         if l_meta is not None:  # Eq. 1 moves MetaNet; Eq. 4's backward was done in micro_step
             (l_meta / n_meta).backward()
-        if meta_steps and cfg.metanet_used:
+        if meta_due and cfg.metanet_used:
             optimizer_step(run.meta_opt, run.metanet.parameters())
         log.add(l_meta, info, [run.rows[b].get("subject") for b in idx])
-        if not student_steps:
+        if not student_due:
             continue
         if not warmup:  # the warmup leaves the student as it was
             optimizer_step(run.opt, lora, cfg.max_grad_norm, run.scaler)
@@ -738,7 +758,9 @@ def main(cfg: Config) -> dict:
     try:
         with StopOnSignal() as stop:
             for epoch in range(run.epoch, n_epochs):
-                if train_epoch(run, epoch, log, stop):
+                # 3.3.2: MetaNet alone against the frozen student, then MetaNet and student together
+                warmup = epoch < run.warmup_epochs
+                if train_epoch(run, epoch, warmup, log, stop):
                     if run.step < n_epochs * run.steps_per_epoch:  # not the very last step
                         log.print(f"stopped at step {run.step}; continue with the same command "
                                   f"plus --resume")

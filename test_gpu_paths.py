@@ -235,6 +235,10 @@ def test_out_of_memory_run_ends_where_an_undisturbed_run_ends(tmp_path, monkeypa
     calls = inject_oom(monkeypatch, above=1500)
     res = mind.main(tiny_cfg(tmp_path / "oom", data, epochs=1, max_tokens_per_pass=4000))
     assert calls["oom"] == 2 and res["step"] == 4
+    events = [json.loads(l) for l in open(tmp_path / "oom" / "metrics.jsonl")]
+    events = [e for e in events if e["kind"] == "oom"]  # the smaller budget is logged
+    assert [(e["step"], e["max_tokens_per_pass"]) for e in events] == [(0, 2000), (0, 1000)]
+    assert "micro-step redone with --max-tokens-per-pass 1000" in events[-1]["message"]
     (a1, m1), (a2, m2) = final_state(tmp_path / "calm"), final_state(tmp_path / "oom")
     for n in a1:
         assert torch.allclose(a1[n], a2[n], atol=1e-6), n
@@ -263,3 +267,20 @@ def test_oom_check_script_runs_its_retry_on_the_cpu():
     r = oom_check.main(["--tiny", "--max-len", "256", "--start-budget", "8192"])
     assert r["final_budget"] < 8192 and r["retries"] >= 1 and r["max_rel_error"] < 1e-5
     assert fast.student_forward.__name__ == "student_forward"  # the injection is undone
+
+
+def test_pass_budget_from_the_free_gpu_memory():
+    """--max-tokens-per-pass 0: the largest budget the memory model fits in the free memory."""
+    from transformers import Qwen2Config
+    import bench
+    config = Qwen2Config(**bench.SHAPES["1.5b"])
+    cfg = mind.Config(student="x", max_tokens_per_pass=0)
+    GiB = 2 ** 30
+    assert fast.auto_pass_budget(cfg, config, 1.5e9, None) == 2048  # no GPU: the default
+    for card in (16, 24, 80):
+        n = fast.auto_pass_budget(cfg, config, 1.5e9, card * GiB)
+        need = lambda b: bench.memory_model(config, b, False)["need_gib"]
+        assert n % 256 == 0 and need(n) <= card and (n == 16384 or need(n + 256) > card), card
+    assert fast.auto_pass_budget(cfg, config, 1.5e9, 24 * GiB) > 2 * 2048
+    with pytest.raises(ValueError, match="--max-tokens-per-pass 1000"):
+        mind.Config(max_tokens_per_pass=1000)  # neither 0 nor at least --max-len 1024

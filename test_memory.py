@@ -10,6 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import bench, fast, mind
+from test_mind import SavedBytes  # bytes autograd holds for backward, weights excluded
 
 CPU = torch.device("cpu")
 SMALL_VOCAB = 512  # the body keeps the same bytes whatever the vocabulary; the tests run faster
@@ -23,36 +24,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-class SavedBytes:
-    """Bytes autograd holds for backward right now, weights excluded, each storage once (as
-    test_mind.py counts them). A saved tensor goes into a box; when autograd lets the box go, the
-    storage's count goes down, and at zero its bytes leave `live`."""
-
-    def __init__(self, model):
-        self.weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        self.held, self.live = {}, 0  # storage -> [boxes holding it, bytes]
-
-    def pack(self, t):
-        box, key = type("Box", (), {})(), t.untyped_storage().data_ptr()
-        box.t = t
-        if key not in self.weights:
-            if key not in self.held:
-                self.held[key] = [0, t.untyped_storage().nbytes()]
-                self.live += self.held[key][1]
-            self.held[key][0] += 1
-            weakref.finalize(box, self.release, key)
-        return box
-
-    def release(self, key):
-        self.held[key][0] -= 1
-        if self.held[key][0] == 0:
-            self.live -= self.held.pop(key)[1]
-
-    @staticmethod
-    def unpack(box):
-        return box.t
 
 
 class LiveBytes(TorchDispatchMode):
@@ -357,15 +328,27 @@ def test_auto_pass_budget_refuses_what_cannot_fit():
 
 
 def test_memory_cli_prints_the_breakdown_and_the_fits(capsys):
-    text = bench.main(["--memory", "--shapes", "1.5b", "7b", "--budgets", "1024", "3072",
+    default_budget = mind.Config.max_tokens_per_pass
+    text = bench.main(["--memory", "--shapes", "1.5b", "7b", "--budgets", "1024", str(default_budget),
                        "--targets", "12", "22"])
     assert text == capsys.readouterr().out.strip()
     rows = [line for line in text.splitlines() if line.startswith(("| 1.5b", "| 7b"))]
     assert len(rows) == 2 * 2 * 2 + 2 * 2  # breakdowns, then the fits
     default = [r for r in rows if "(defaults)" in r]
     assert [r.split(" | ")[:2] for r in default] == [["| 1.5b", "off"], ["| 7b", "on"]]
-    m = bench.memory_model("7b", 3072, True)
+    m = bench.memory_model("7b", default_budget, True)
     assert default[1].split(" | ")[-1].rstrip(" |") == f"{m['need_gib']:.2f}"
     fits = rows[-1].split(" | ")  # 7b, checkpointing on: 12 GiB cannot, 22 GiB can
     assert fits[2] == "does not fit"
     assert fits[3].rstrip(" |") == str(bench.auto_pass_budget(22 * bench.GiB, "7b", True))
+
+
+def test_the_defaults_fit_the_targets_by_the_model():
+    """mind.py's default pass budget, Table 8's batch, 1024 tokens and all 8 paths selected: a
+    peak of at most 12 GiB at 1.5B (a 16 GB card, allowance included) and 22 GiB at 7B."""
+    budget, max_len = mind.Config.max_tokens_per_pass, mind.Config.max_len
+    small = bench.memory_model("1.5b", budget, bench.default_checkpointing("1.5b"), max_len=max_len)
+    large = bench.memory_model("7b", budget, bench.default_checkpointing("7b"), max_len=max_len)
+    assert small["peak_gib"] <= 12 and small["need_gib"] <= 16
+    assert large["peak_gib"] <= 22
+    assert bench.memory_model("1.5b", 3072, False)["peak_gib"] > 12  # the old default did not
