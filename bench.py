@@ -67,7 +67,7 @@ def useful_flops(shape: str, problems, mask) -> float:
     P = L * (2 * h * h + 2 * h * kv + 3 * h * c["intermediate_size"])  # q, o; k, v; gate, up, down
     heads = c["num_attention_heads"]
     def fwd(p):
-        n, labels = len(p[0]), len(p[0]) - p[1]
+        n, labels = len(p.ids), len(p.ids) - p.prompt_len
         attention = L * attention_flops(n, n, heads, h // heads)
         return 2 * P * n + attention + 2 * h * c["vocab_size"] * labels
     sel = mask.flatten().tolist()
@@ -176,7 +176,7 @@ def executed_flops(step) -> dict:
 
 def padding(problems, method: str, cfg: mind.Config) -> float:
     """Share of padded positions in the forward over all paths: one batch (naive), mind's passes."""
-    lens = [len(p[0]) for pp in problems for p in pp]
+    lens = [len(p.ids) for pp in problems for p in pp]
     packed = method == "mind" and cfg.packing
     passes = fast.plan_passes(lens, cfg.max_tokens_per_pass, cfg.packing) if method == "mind" else [range(len(lens))]
     return 1 - sum(lens) / sum(sum(lens[i] for i in q) if packed else len(q) * max(lens[i] for i in q) for q in passes)
@@ -202,25 +202,25 @@ def make_problems(B: int, max_len: int, vocab: int, seed: int):
 
 def naive_step(cfg, problems, h_x, h_r, metanet, model, device):
     """Eqs. 1-4 with every path through the full model: (B*K, T, V) logits, all with gradients."""
-    B, A = len(problems), max(p[0][3] for p in problems)
+    B, A = len(problems), max(pp[0].answer_len for pp in problems)
     flat = [p for pp in problems for p in pp]
-    T = max(len(p[0]) for p in flat)
+    T = max(len(p.ids) for p in flat)
     ids = torch.zeros(len(flat), T, dtype=torch.long)
     att = torch.zeros_like(ids)
-    for n, (seq, *_) in enumerate(flat):
-        ids[n, :len(seq)], att[n, :len(seq)] = torch.tensor(seq), 1
+    for n, p in enumerate(flat):
+        ids[n, :len(p.ids)], att[n, :len(p.ids)] = torch.tensor(p.ids), 1
     ids, att = ids.to(device), att.to(device)
     logits = model(input_ids=ids, attention_mask=att).logits.float()                 # (B*K, T, V)
     labels = ids.masked_fill(att == 0, -100)
-    for n, (seq, first, *_) in enumerate(flat):
-        labels[n, :first] = -100
+    for n, p in enumerate(flat):
+        labels[n, :p.prompt_len] = -100
     tok_loss = F.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:], reduction="none")  # (B*K, T-1)
     path_losses = (tok_loss.sum(1) / (labels[:, 1:] != -100).sum(1)).view(B, mind.K)
-    at = torch.stack([p[2] - 1 + torch.arange(A).clamp(max=p[3] - 1) for p in flat]).to(device)
+    at = torch.stack([p.answer_start - 1 + torch.arange(A).clamp(max=p.answer_len - 1) for p in flat]).to(device)
     answer_lp = F.log_softmax(logits.gather(1, at[..., None].expand(-1, -1, logits.shape[-1])), -1)
     scores = metanet(h_x, h_r)
     mask, alpha = mind.select_perspectives(scores, cfg.beta, cfg.tau_student)
-    answer_mask = (torch.arange(A)[None] < torch.tensor([p[0][3] for p in problems])[:, None]).to(device)
+    answer_mask = (torch.arange(A)[None] < torch.tensor([pp[0].answer_len for pp in problems])[:, None]).to(device)
     l_student = mind.sft_loss(alpha, path_losses) + cfg.lambda_ * mind.consistency_loss(
         answer_lp.view(B, mind.K, A, -1), alpha, answer_mask)
     return mind.metanet_loss(scores, path_losses, cfg.tau), l_student, {"mask": mask}
@@ -300,7 +300,7 @@ def run_case(shape, max_len, method, beta, args, device, dtype, peak):
         return {"shape": shape, "len": max_len, "method": method, "beta": beta, "oom": True}
     finally:
         del model, body, head, opt
-    real = sum(len(p[0]) for pp in problems for p in pp)
+    real = sum(len(p.ids) for pp in problems for p in pp)
     step = statistics.median(times)
     peak_gib = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
     return {"shape": shape, "len": max_len, "method": method, "beta": beta, "oom": False, "step_s": step,

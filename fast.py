@@ -58,6 +58,14 @@ def to_device(device, *tensors):
     return [t.pin_memory().to(device, non_blocking=True) for t in tensors]
 
 
+def enable_checkpointing(model) -> None:
+    """Gradient checkpointing: each layer's activations are recomputed in the backward pass."""
+    if hasattr(model, "activation_checkpointing_enable"):  # its name from transformers 5.24
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def skip_lora_input_cast(peft_model) -> None:
     """peft casts each bf16 activation to the fp32 adapter weights and back; under autocast the
     adapter matmuls already run in bf16, so the round trip only costs memory and time."""

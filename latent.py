@@ -37,7 +37,7 @@ Choices of ours (the paper leaves them open):
      Standardising first matters: a few hidden dimensions of an LLM carry activations orders of magnitude
      larger than the rest, and unscaled PCA would mostly return those dimensions.
   2. A path's state is the mean of the last-layer hidden states over its rationale tokens and the fixed
-     lead-in that follows (mind.tokenize_paths: first_label to answer_start); for coverage, over the completion
+     lead-in that follows (mind.TokenPath: prompt_len to answer_start); for coverage, over the completion
      tokens. The prompt is the same for every path and the answer too, so neither says anything about the perspective.
   3. DPMM: scikit-learn's BayesianGaussianMixture, dirichlet_process prior, diagonal covariances (full ones
      over-split at the shipped sample's size, see dpmm_fit), best of 5 starts, at most --max-components
@@ -405,8 +405,8 @@ def cmd_specialists(args) -> dict:
     trunk, states = trunk_of(peft_model), []
     for i, (key, path) in enumerate(specs):
         k = PERSPECTIVE_KEYS.index(args.same_text or key)
-        seqs = [p[k][0] for p in paths]
-        spans = [(p[k][1], p[k][2]) for p in paths]  # rationale + lead-in: after the prompt, before the answer
+        seqs = [pp[k].ids for pp in paths]
+        spans = [(pp[k].prompt_len, pp[k].answer_start) for pp in paths]  # rationale + lead-in
         peft_model.set_adapter(f"a{i}")
         states.append(pooled_states(trunk, seqs, spans, args.batch_size, device, f"specialist {i + 1}/{len(specs)} ({key})"))
     H = torch.stack(states, 1)                                                     # (N, S, hidden)

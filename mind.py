@@ -10,13 +10,15 @@ Multi-Perspective CoT Distillation", ACL 2026. The method (Section 3) in four li
 
 The file follows the paper: 1 data, 2 frozen Sentence-BERT, 3 MetaNet, 4 the equations, 5 the
 student and its paths, 6 the training step, 7 the schedule (warmup, then calibration + student).
+Section 3.2's latent-space analysis is latent.py.
 
 Where we go beyond or against the letter of the paper (every value it leaves open is "ours" in
 Config):
   1. Scores pass through a sigmoid into (0, 1): the threshold beta * max(s) needs positive
      scores. Eq. 1 cannot fix their level (adding a constant to s changes no softmax), so how
      many paths lie within beta of the best depends on where in (0, 1) MetaNet puts them.
-  2. L_real is the mean token cross-entropy of path k (rationale + answer suffix, prompt masked).
+  2. L_real is the mean token cross-entropy of path k (rationale + answer suffix, prompt masked),
+     and so is L_CE in Eq. 2: every path weighs the same, whatever its length.
   3. A fixed answer suffix closes every rationale (prompts.answer_suffix), so P(y | x, r_i) in
      Eq. 3 is read at the same answer token ids on every path; JSD is averaged over those tokens.
      The teacher's rationales already end in the boxed answer, so under teacher forcing these
@@ -25,6 +27,10 @@ Config):
   5. The paper gives no schedule: learning rates are constant, gradients clipped at 1.0.
   6. Table 8 gives MetaNet and a 1.5B student the same LR (5e-5), though 3.3.2 says MetaNet's is
      lower; we follow the table. Its slower rhythm comes from accumulating over more micro-batches.
+  7. "Warm up the MetaNet" (Table 8: 1 epoch) we read as: Eq. 1 against the losses of the frozen
+     initial student, which does not train in that epoch.
+  8. Sentence-BERT reads at most its max_seq_length (256 word pieces for all-MiniLM-L6-v2): of a
+     longer rationale, MetaNet sees the opening only.
 
 Speed engineering that changes no number (passes of bounded size, packed paths, chunked logits,
 precision, the out-of-memory retry) is in fast.py.
@@ -77,16 +83,13 @@ class Config:
     student: str = opt("run", "Qwen/Qwen2.5-1.5B", "hub id or folder of a causal LM, or 'tiny' for "
                        "the offline demo [paper 4.1: Qwen2.5-1.5B, Qwen2.5-7B, Llama3.1-8B]")
     data: str | None = opt("run", None, "JSONL of problems with 8 rationales [default: "
-                           "data/mind_math.jsonl from data/build.py if present, else the shipped "
-                           "data/sample.jsonl]")
-    encoder: str | None = opt("run", None, "frozen Sentence-BERT, hub id or folder [paper 3.3.1 names "
-                              "none; ours: sentence-transformers/all-MiniLM-L6-v2, 'tiny' with "
-                              "--student tiny]")
+                           "data/mind_math.jsonl (data/build.py) if present, else data/sample.jsonl]")
+    encoder: str | None = opt("run", None, "frozen Sentence-BERT, hub id or folder [3.3.1 names "
+                              "none; ours: all-MiniLM-L6-v2, 'tiny' with --student tiny]")
     out: str = opt("run", "runs/mind", "output folder: checkpoints, metrics.jsonl, final adapter")
-    variant: str = opt("run", "mind", "mind, or an ablation of the paper: single:<perspective> "
-                       "(Table 1 'w/o fusion'), uniform (all 8 paths, alpha 1/8), no-inertia (Fig. 7a: "
-                       "alpha from the student's losses), no-synergy (Fig. 7b: MetaNet without "
-                       "self-attention), topk:<1-8> (Fig. 6)")
+    variant: str = opt("run", "mind", "mind, or an ablation: single:<perspective> (Table 1 'w/o "
+                       "fusion'), uniform (8 paths, alpha 1/8), no-inertia (Fig. 7a: alpha from the "
+                       "losses), no-synergy (Fig. 7b: no self-attention), topk:<1-8> (Fig. 6)")
     seed: int = opt("run", 0, "random seed")
     resume: bool = opt("run", False, "continue from the newest complete checkpoint in --out, "
                        "with the same settings but for those that change only the cost")
@@ -260,7 +263,8 @@ def variant_weights(variant: str, scores, l_real, beta: float, tau: float, tau_s
         return mask, mask.float()
     if name == "uniform":  # every path, one weight: multi-path distillation without the capability
         return torch.ones_like(l_real, dtype=torch.bool), torch.full_like(l_real, 1 / K)
-    if name == "no-inertia":  # Fig. 7a: the instantaneous losses decide, s_k = exp(-L_real_k)
+    if name == "no-inertia":  # Fig. 7a: the instantaneous losses decide (the beta filter is ours)
+        l_real = l_real.detach()  # alpha is a constant here too
         s = torch.exp(-l_real)
         mask = s >= beta * s.max(-1, keepdim=True).values
         alpha = torch.softmax((-l_real / tau).masked_fill(~mask, float("-inf")), -1)
@@ -354,10 +358,7 @@ def add_lora(model, cfg: Config, device):
             m.attention_dropout = 0.0
     large = model.num_parameters() >= Config.LARGE_STUDENT
     if cfg.grad_checkpointing or (cfg.grad_checkpointing is None and large):
-        if hasattr(model, "activation_checkpointing_enable"):  # its name from transformers 5.24
-            model.activation_checkpointing_enable({"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        fast.enable_checkpointing(model)
     if cfg.packing and not fast.enable_packing(model):  # it still trains, in padded passes
         print(f"warning: {model.name_or_path or 'the student'} cannot take packed paths: "
               f"padded passes instead")
@@ -412,12 +413,13 @@ def run_pass(body, head, paths: list[TokenPath], device, answer_width: int = 0,
 
     `body` is the model without its LM head (e.g. Qwen2Model): the full model would materialise
     (n, T, V) logits; we apply the head only where a loss needs it (fast.target_logprobs)."""
-    hidden, ids, start = fast.student_forward(body, [p.ids for p in paths], packed, device)  # (N, H)
+    # hidden (N, H) and ids (N,) for the N tokens of the pass; path n starts at row start[n]
+    hidden, ids, start = fast.student_forward(body, [p.ids for p in paths], packed, device)
     # L_real: mean cross-entropy over the labels, all tokens after the prompt. The trap: the
     # hidden state at position t predicts token t + 1, so label position t reads hidden[t - 1].
-    labels = torch.cat([torch.arange(s + p.prompt_len, s + len(p.ids)) for s, p in zip(start, paths)])
-    labels, = fast.to_device(device, labels)                                            # (M,)
-    token_lp = fast.target_logprobs(head, hidden[labels - 1], ids[labels], chunk)       # (M,)
+    rows = torch.cat([torch.arange(s + p.prompt_len, s + len(p.ids)) for s, p in zip(start, paths)])
+    rows, = fast.to_device(device, rows)                                  # label rows (M,)
+    token_lp = fast.target_logprobs(head, hidden[rows - 1], ids[rows], chunk)           # (M,)
     n_labels = [len(p.ids) - p.prompt_len for p in paths]
     l_real = -torch.stack([lp.mean() for lp in token_lp.split(n_labels)])               # (n,)
     if not answer_width:
@@ -438,7 +440,7 @@ def measure_paths(cfg: Config, body, head, paths, answer_width: int, device):
     """Pass 1 of micro_step: L_real of every path (B*K,) and, if answer_width > 0, every path's
     answer log-probs (B*K, A, V); no gradients, so nothing is kept between passes."""
     l_real, answer_lp = torch.zeros(len(paths), device=device), None
-    body.eval()
+    body.eval()  # only gradient checkpointing differs from train(): add_lora left no dropout
     lengths = [len(p.ids) for p in paths]
     for part in fast.plan_passes(lengths, cfg.max_tokens_per_pass, cfg.packing):
         with fast.autocast(device):
@@ -458,8 +460,8 @@ def micro_step(cfg: Config, problems, h_x, h_r, metanet, body, head, warmup: boo
     """One micro-batch of B problems (B lists of K TokenPaths); h_x (B, D), h_r (B, K, D); body and
     head: the student without its LM head, and the head. Returns L_meta (Eq. 1, for the caller's
     backward, None without MetaNet) and a dict for the logs. Eq. 4's gradient, times `scale`, is
-    already accumulated in the LoRA weights when it returns (times the loss scale of `scaler`, a
-    torch.amp.GradScaler, in fp16).
+    already accumulated in the LoRA weights' .grad when it returns (times the loss scale of
+    `scaler`, a torch.amp.GradScaler, in fp16).
 
     The plain step, which this one equals:
         L_real, l = student(every path)                 # with gradients
@@ -469,8 +471,9 @@ def micro_step(cfg: Config, problems, h_x, h_r, metanet, body, head, warmup: boo
     cfg.max_tokens_per_pass tokens instead:
       pass 1, no gradients: every path's L_real (Eq. 1 needs all K) and answer log-probs l; then
         I_dyn and alpha;
-      pass 2, the selected paths again, a few at a time: Eq. 4 with this pass's paths live and
-        every other path held at its pass-1 value, backpropagated (eq4_with_live_paths).
+      pass 2, the selected paths again, each in exactly one pass (fast.plan_passes): Eq. 4 with
+        this pass's paths live and every other path at its pass-1 value, backpropagated
+        (eq4_with_live_paths; a pass none of whose problems has two selected paths skips Eq. 3).
     Why that is Eq. 4's gradient: Eq. 4 depends on the weights only through each path's L_real,k
     and l_k, so by the chain rule
         dL/dtheta = sum_k dL/dL_real,k * dL_real,k/dtheta + sum_k <dL/dl_k, dl_k/dtheta>.
@@ -480,12 +483,14 @@ def micro_step(cfg: Config, problems, h_x, h_r, metanet, body, head, warmup: boo
     This holds because (1) alpha and I_dyn are constants, (2) both passes compute the same function
     of the weights (Config refuses LoRA dropout, add_lora zeroes every other dropout), and (3) padded
     answer slots carry nothing (consistency_loss masks them). "Exactly" is mathematical: the passes
-    group paths differently, so sums round differently; test_mind.py checks the equality to 1e-6."""
+    group paths differently, so sums round differently (in bf16 on a GPU, about 1e-3 relative);
+    test_mind.py checks the equality in fp32 (atol 1e-6, rtol 1e-4)."""
     B = len(problems)
     A = max(p[0].answer_len for p in problems)                      # answer tokens, longest
     paths = [p for pp in problems for p in pp]                      # path b * K + k
     scores = metanet(h_x.to(device), h_r.to(device)) if cfg.metanet_used else None     # (B, K)
-    # Eq. 3 needs answer log-probs; of every path, as no-inertia chooses I_dyn only after pass 1
+    # Eq. 3 needs answer log-probs: of every path, since no-inertia chooses I_dyn from pass 1's
+    # losses (MIND's I_dyn is known already; the cost is one (B*K, A, V) tensor)
     answer_width = A if not warmup and cfg.lambda_ > 0 else 0
     l_real, answer_lp = measure_paths(cfg, body, head, paths, answer_width, device)
     l_real = l_real.view(B, K)
@@ -500,17 +505,16 @@ def micro_step(cfg: Config, problems, h_x, h_r, metanet, body, head, warmup: boo
     mask, alpha = variant_weights(cfg.variant, scores, l_real, cfg.beta, cfg.tau, cfg.tau_student)
     n_answer = torch.tensor([pp[0].answer_len for pp in problems])
     answer_mask = (torch.arange(A)[None] < n_answer[:, None]).to(device)                 # (B, A)
-    if answer_lp is not None:
-        answer_lp = answer_lp.view(B, K, A, -1)                                    # (B, K, A, V)
     # The value of Eq. 4 at this step, for the log
     l_sft = sft_loss(alpha, l_real)                                                       # Eq. 2
     l_cons = torch.zeros((), device=device)
     if answer_lp is not None:
+        answer_lp = answer_lp.view(B, K, A, -1)                                    # (B, K, A, V)
         l_cons = consistency_loss(answer_lp, alpha, answer_mask)                          # Eq. 3
     info |= {"mask": mask, "alpha": alpha, "sft": l_sft, "cons": l_cons,
              "student": l_sft + cfg.lambda_ * l_cons}                                     # Eq. 4
 
-    body.train()
+    body.train()  # pass 2: gradient checkpointing (where on) works in training mode only
     selected = mask.flatten().nonzero().flatten().tolist()
     paired = {b for b in range(B) if sum(i // K == b for i in selected) > 1}  # Eq. 3 is not 0 there
     lengths = [len(paths[i].ids) for i in selected]
@@ -522,8 +526,7 @@ def micro_step(cfg: Config, problems, h_x, h_r, metanet, body, head, warmup: boo
                                 cfg.packing, cfg.loss_chunk)
             eq4 = eq4_with_live_paths(cfg.lambda_, live, loss, lp, l_real, answer_lp, alpha,
                                       answer_mask)
-        loss = eq4 * scale
-        (scaler.scale(loss) if scaler else loss).backward()
+        (scaler.scale(eq4 * scale) if scaler else eq4 * scale).backward()
     return l_meta, info
 
 
@@ -533,22 +536,22 @@ def eq4_with_live_paths(lam: float, live: list[int], loss, lp, l_real, answer_lp
     (n, A, V) with gradients, and every other path at its pass-1 value, l_real (B, K) and
     answer_lp (B, K, A, V). lp is None where Eq. 3 adds nothing.
 
-    Problems without a live path add a constant, so only the pass's own problems are evaluated:
-    Eq. 2 and Eq. 3 are means over the B problems, hence the factor len(problems) / B."""
+    Problems without a live path add a constant, so only the b problems the pass touches are
+    evaluated: Eq. 2 and Eq. 3 are means over the B problems, hence the factor b / B."""
     B = alpha.shape[0]
-    # The pass-1 values of the pass's problems, (b, K) and (b, K, A, V), with the live paths' slots
-    # replaced by this pass's results: only those slots carry gradients.
-    problems = sorted({i // K for i in live})
-    rows = torch.tensor(problems, device=alpha.device)
-    # where each live path sits among the pass's problems, flattened (problem * K + k)
-    at = torch.tensor([problems.index(i // K) * K + i % K for i in live], device=alpha.device)
-    losses = l_real[rows].flatten().index_put((at,), loss.float()).view(-1, K)      # (b, K)
-    eq4 = sft_loss(alpha[rows], losses)                                              # Eq. 2
+    # The pass-1 values of the touched problems, (b, K) and (b, K, A, V), with the live paths'
+    # slots replaced by this pass's results: only those slots carry gradients.
+    touched = sorted({i // K for i in live})                           # problem indices
+    sub = torch.tensor(touched, device=alpha.device)
+    # each live path's slot in the touched problems' flattened (b * K) paths
+    slot = torch.tensor([touched.index(i // K) * K + i % K for i in live], device=alpha.device)
+    losses = l_real[sub].flatten().index_put((slot,), loss.float()).view(-1, K)     # (b, K)
+    eq4 = sft_loss(alpha[sub], losses)                                               # Eq. 2
     if lp is not None:  # None where none of these problems has two selected paths: Eq. 3 is 0
         A, V = answer_lp.shape[2:]
-        logprobs = answer_lp[rows].flatten(0, 1).index_put((at,), lp).view(-1, K, A, V)
-        eq4 = eq4 + lam * consistency_loss(logprobs, alpha[rows], answer_mask[rows])  # Eq. 3
-    return eq4 * len(problems) / B
+        logprobs = answer_lp[sub].flatten(0, 1).index_put((slot,), lp).view(-1, K, A, V)
+        eq4 = eq4 + lam * consistency_loss(logprobs, alpha[sub], answer_mask[sub])     # Eq. 3
+    return eq4 * len(touched) / B
 
 
 # ----------------------------------------------------------------------------------------------

@@ -165,7 +165,9 @@ def test_add_lora_gives_no_gradient_checkpointing_warning():
         peft_model = mind.add_lora(model, mind.Config(student="tiny"), torch.device("cpu"))
         assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message)]
         model.is_gradient_checkpointing  # the same read outside add_lora still warns: the filter is local
-    assert [w for w in caught if issubclass(w.category, FutureWarning) and "is_gradient_checkpointing" in str(w.message)]
+    outside = [w for w in caught if issubclass(w.category, FutureWarning) and "is_gradient_checkpointing" in str(w.message)]
+    # the old name warns only where transformers has the new one (5.24; not 5.0)
+    assert bool(outside) == hasattr(type(model), "is_activation_checkpointing")
     assert peft_model.peft_config["default"].r == 16
 
 
