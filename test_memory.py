@@ -1,13 +1,19 @@
 """Tests for bench.py's memory model (memory_model, auto_pass_budget, --memory) against what the
 CPU counts: the bytes autograd keeps for backward in decoder layers of the real Qwen2.5-1.5B and 7B
 shapes, and the peak of live tensor memory in a layer's backward, the loss chunk, Eq. 3's pass-2
-copies and whole small steps. Run: pytest -q test_memory.py"""
-import weakref
+copies and whole small steps. Run: pytest -q test_memory.py
+
+The bytes depend on shapes and dtypes, never on values. So at the real shapes the half-precision
+matrix products are not computed (HalfMatmulsSkipped): each returns zeros of the shape, dtype and
+strides the kernel would give. On a CPU without bf16 instructions (AVX2 only) torch emulates bf16
+and one 7B layer's products take minutes; skipped, a test takes seconds there.
+test_skipping_the_products_changes_no_count holds every kind of count equal with and without it."""
+import contextlib, weakref
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map
 
 import bench, fast, mind
 from test_mind import SavedBytes  # bytes autograd holds for backward, weights excluded
@@ -60,6 +66,25 @@ class LiveBytes(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         self.add(*tree_flatten(out)[0])
         return out
+
+
+class HalfMatmulsSkipped(TorchDispatchMode):
+    """Matrix products on bf16/fp16 tensors return zeros instead of being computed. The output's
+    shape, strides and dtype come from the operation's meta kernel, so every tensor that exists,
+    and every byte a counter sees, is the same as with the real kernel (the counters above this
+    mode see its outputs like any other). fp32 products (MetaNet, Eq. 3) still run."""
+    PRODUCTS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default,
+                torch.ops.aten.bmm.default, torch.ops.aten.baddbmm.default}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        half = any(t.dtype in (torch.bfloat16, torch.float16) for t in tree_flatten(args)[0]
+                   if isinstance(t, torch.Tensor))
+        if func not in self.PRODUCTS or not half:
+            return func(*args, **kwargs)
+        meta = lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t
+        out = func(*tree_map(meta, args), **tree_map(meta, kwargs))
+        return torch.zeros_like(out, device="cpu")  # zeros_like keeps the meta output's strides
 
 
 def build_student(shape: dict, grad_checkpointing: bool = False):
@@ -116,21 +141,21 @@ def two_layers(request):
     return (request.param, shape, *build_student(shape))
 
 
-@pytest.mark.parametrize("grad_checkpointing", [False, True])
-def test_saved_bytes_per_token_match_the_formula(two_layers, grad_checkpointing):
-    name, shape, peft_model, body, head = two_layers
-    set_checkpointing(peft_model, grad_checkpointing)
-    n_paths, length = 2, 96  # not the head dim (128), so that (n, n) and (n, head dim) differ
+def count_pass(peft_model, body, head, length: int, skip: bool):
+    """(bytes the second layer adds, bytes the whole pass holds) for backward, in a pass with
+    gradients as micro_step runs it (packed, per-path SDPA on the CPU) over two paths of `length`
+    tokens, in bf16 autocast."""
     g = torch.Generator().manual_seed(0)
-    paths = [token_path(length, SMALL_VOCAB, g) for _ in range(n_paths)]
-    tokens = n_paths * length
+    vocab = peft_model.get_base_model().config.vocab_size
+    paths = [token_path(length, vocab, g) for _ in range(2)]
     saved, at = SavedBytes(peft_model), {}
     layer = body.layers[1]
     hooks = [layer.register_forward_pre_hook(lambda m, a: at.update(before=saved.live)),
              layer.register_forward_hook(lambda m, a, o: at.update(after=saved.live))]
     body.train()
-    try:  # a pass with gradients as micro_step runs it: packed, per-path SDPA on the CPU
-        with torch.autocast("cpu", torch.bfloat16), \
+    try:
+        with HalfMatmulsSkipped() if skip else contextlib.nullcontext(), \
+                torch.autocast("cpu", torch.bfloat16), \
                 torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
             loss, _ = mind.run_pass(body, head, paths, CPU, 0, True, 1024)
             whole = saved.live
@@ -138,8 +163,17 @@ def test_saved_bytes_per_token_match_the_formula(two_layers, grad_checkpointing)
         for h in hooks:
             h.remove()
     del loss
+    return at["after"] - at["before"], whole
+
+
+@pytest.mark.parametrize("grad_checkpointing", [False, True])
+def test_saved_bytes_per_token_match_the_formula(two_layers, grad_checkpointing):
+    name, shape, peft_model, body, head = two_layers
+    set_checkpointing(peft_model, grad_checkpointing)
+    length = 96  # not the head dim (128), so that (n, n) and (n, head dim) differ
+    one_layer, whole = count_pass(peft_model, body, head, length, skip=True)
+    tokens = 2 * length
     c = bench.dims(shape)
-    one_layer = at["after"] - at["before"]
     # without checkpointing the layer also keeps autocast's bf16 copies of its LoRA weights
     copies = 0 if grad_checkpointing else bench.BF16 * lora_params(peft_model, "layers.1.")
     want_layer = tokens * (bench.BF16 * c["h"] if grad_checkpointing else
@@ -155,6 +189,24 @@ def test_saved_bytes_per_token_match_the_formula(two_layers, grad_checkpointing)
     assert whole <= want_whole
 
 
+def count_layer_backward(peft_model, body, tokens: int, length: int, skip: bool):
+    """(live bytes after the forward of the body's layers, the peak during their backward)."""
+    hidden = peft_model.get_base_model().config.hidden_size
+    x = torch.randn(1, tokens, hidden, dtype=torch.bfloat16, requires_grad=True)
+    cu = torch.arange(0, tokens + 1, length, dtype=torch.int32)
+    pos = torch.arange(length).repeat(tokens // length)[None]
+    body.train()
+    with HalfMatmulsSkipped() if skip else contextlib.nullcontext(), \
+            LiveBytes(*peft_model.parameters(), *peft_model.buffers(), x) as live:
+        with torch.autocast("cpu", torch.bfloat16):
+            out = body(inputs_embeds=x, position_ids=pos, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
+                       max_length_q=length, max_length_k=length).last_hidden_state
+        grad = torch.ones_like(out)
+        kept = live.peak = live.live
+        out.backward(grad)
+    return kept, live.peak
+
+
 @pytest.mark.parametrize("grad_checkpointing", [False, True])
 def test_layer_backward_peak_matches_the_formula(two_layers, grad_checkpointing):
     """What the backward of the two layers adds, at its peak, to what their forward kept: the
@@ -163,23 +215,13 @@ def test_layer_backward_peak_matches_the_formula(two_layers, grad_checkpointing)
     name, shape, peft_model, body, head = two_layers
     set_checkpointing(peft_model, grad_checkpointing)
     c, tokens, length = bench.dims(shape), 256, 32
-    x = torch.randn(1, tokens, c["h"], dtype=torch.bfloat16, requires_grad=True)
-    cu = torch.arange(0, tokens + 1, length, dtype=torch.int32)
-    pos = torch.arange(length).repeat(tokens // length)[None]
-    body.train()
-    with LiveBytes(*peft_model.parameters(), *peft_model.buffers(), x) as live:
-        with torch.autocast("cpu", torch.bfloat16):
-            out = body(inputs_embeds=x, position_ids=pos, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
-                       max_length_q=length, max_length_k=length).last_hidden_state
-        grad = torch.ones_like(out)
-        kept = live.peak = live.live
-        out.backward(grad)
+    kept, peak = count_layer_backward(peft_model, body, tokens, length, skip=True)
     want = bench.layer_backward_bytes_per_token(c)
     if grad_checkpointing:
         want += bench.layer_bytes_per_token(c, 16, "sdpa-cpu", length)
     print(f"{name}, checkpointing {grad_checkpointing}: the backward adds "
-          f"{(live.peak - kept) / tokens:,.0f} bytes per token, {want:,} modelled")
-    assert live.peak - kept == pytest.approx(want * tokens, rel=0.10)
+          f"{(peak - kept) / tokens:,.0f} bytes per token, {want:,} modelled")
+    assert peak - kept == pytest.approx(want * tokens, rel=0.10)
 
 
 def test_parameter_counts(two_layers):
@@ -256,16 +298,11 @@ def small():
 
 # Each case makes a different transient the largest: Eq. 3 in pass 2, the loss chunk, the
 # recomputed layer's backward under checkpointing.
-@pytest.mark.parametrize("grad_checkpointing, chunk, budget", [(False, 64, 512), (False, 256, 512),
-                                                                (True, 32, 1024)])
-def test_step_peak_matches_the_model(small, monkeypatch, grad_checkpointing, chunk, budget):
-    """The peak of live memory in one micro_step on the CPU (bf16 autocast, per-path SDPA) against
-    memory_model with the CPU attention: all 16 paths selected, in passes of 8 or 16. Compared:
-    what the step adds to what existed before it (weights, LoRA and MetaNet with gradients and
-    AdamW). This checks how the parts add up; the tests above check the parts."""
+def count_step(small, grad_checkpointing: bool, chunk: int, budget: int, skip: bool):
+    """(live bytes before, the peak during one micro_step and MetaNet's backward, the step's info)
+    on the CPU in bf16 autocast with per-path SDPA: B = 2 problems, all 16 paths selected."""
     peft_model, body, head = small
     set_checkpointing(peft_model, grad_checkpointing)
-    monkeypatch.setattr(fast, "precision", lambda device: "bf16")  # bf16 autocast on the CPU
     B, max_len, A, d_enc = 2, 64, 4, 8
     torch.manual_seed(0)
     metanet = mind.MetaNet(d_enc)
@@ -286,20 +323,50 @@ def test_step_peak_matches_the_model(small, monkeypatch, grad_checkpointing, chu
     held = [*peft_model.parameters(), *peft_model.buffers(), *metanet.parameters(),
             *(p.grad for p in [*lora, *metanet.parameters()]),
             *(t for o in opts for s in o.state.values() for t in s.values())]
-    with LiveBytes(*held) as live:
+    with HalfMatmulsSkipped() if skip else contextlib.nullcontext(), LiveBytes(*held) as live:
         l_meta, info = mind.micro_step(cfg, problems, h_x, h_r, metanet, body, head, False, CPU)
         l_meta.backward()
     for p in [*lora, *metanet.parameters()]:
         p.grad = None
+    return live.start, live.peak, info
+
+
+# Each case makes a different transient the largest: Eq. 3 in pass 2, the loss chunk, the
+# recomputed layer's backward under checkpointing.
+@pytest.mark.parametrize("grad_checkpointing, chunk, budget", [(False, 64, 512), (False, 256, 512),
+                                                                (True, 32, 1024)])
+def test_step_peak_matches_the_model(small, monkeypatch, grad_checkpointing, chunk, budget):
+    """The peak of live memory in one micro_step on the CPU (bf16 autocast, per-path SDPA) against
+    memory_model with the CPU attention: all 16 paths selected, in passes of 8 or 16. Compared:
+    what the step adds to what existed before it (weights, LoRA and MetaNet with gradients and
+    AdamW). This checks how the parts add up; the tests above check the parts."""
+    monkeypatch.setattr(fast, "precision", lambda device: "bf16")  # bf16 autocast on the CPU
+    start, peak, info = count_step(small, grad_checkpointing, chunk, budget, skip=True)
     assert bool(info["mask"].all())
+    B, max_len, A, d_enc = 2, 64, 4, 8
     want = bench.memory_model(SMALL, budget, grad_checkpointing, B, max_len, A, 16, chunk,
                               attention="sdpa-cpu", d_enc=d_enc)
-    step, want_step = live.peak - live.start, (want["peak_gib"] - want["static_gib"]) * bench.GiB
+    step, want_step = peak - start, (want["peak_gib"] - want["static_gib"]) * bench.GiB
     print(f"checkpointing {grad_checkpointing}, chunk {chunk}: the step adds {step / 2**20:.2f} MiB "
           f"counted, {want_step / 2**20:.2f} modelled ({want['phase']}); before it "
-          f"{live.start / 2**20:.2f} counted, {want['static_gib'] * 1024:.2f} modelled")
-    assert live.start == pytest.approx(want["static_gib"] * bench.GiB, rel=0.02)
+          f"{start / 2**20:.2f} counted, {want['static_gib'] * 1024:.2f} modelled")
+    assert start == pytest.approx(want["static_gib"] * bench.GiB, rel=0.02)
     assert step == pytest.approx(want_step, rel=0.10)
+
+
+@pytest.mark.parametrize("grad_checkpointing", [False, True])
+def test_skipping_the_products_changes_no_count(small, monkeypatch, grad_checkpointing):
+    """HalfMatmulsSkipped, which the tests above use at the real shapes, against the real kernels
+    at a small shape: every count is the same to the byte, for each kind of count."""
+    peft_model, body, head = small
+    set_checkpointing(peft_model, grad_checkpointing)
+    counts = [count_pass(peft_model, body, head, 48, skip) for skip in (False, True)]
+    assert counts[0] == counts[1] and counts[0][0] > 0
+    counts = [count_layer_backward(peft_model, body, 128, 32, skip) for skip in (False, True)]
+    assert counts[0] == counts[1] and counts[0][1] > counts[0][0]
+    monkeypatch.setattr(fast, "precision", lambda device: "bf16")
+    counts = [count_step(small, grad_checkpointing, 64, 512, skip)[:2] for skip in (False, True)]
+    assert counts[0] == counts[1] and counts[0][1] > counts[0][0]
 
 
 # ---------------------------------------------------------------- the budget from free memory
