@@ -1,6 +1,8 @@
 """What makes mind.py's training step fast and small on a GPU. None of it changes a number.
 
-mind.py calls four things from here:
+mind.py calls five things from here:
+  bounded_paths     the drop-in for the student over all of a micro-batch's paths at once: the
+                    same values and gradients, with at most --max-tokens-per-pass tokens per pass;
   student_forward   runs the student body over a few paths, packed back to back in one row (no
                     padding) or as the usual right-padded batch, and returns their hidden states;
   target_logprobs   log p(token) per label position, with only a chunk of (rows, V) logits alive;
@@ -92,17 +94,93 @@ def plan_passes(lengths: list[int], budget: int, packed: bool) -> list[list[int]
     return passes
 
 
+def bounded_paths(student, lengths: list[int], budget: int, packed: bool, device):
+    """The student over many paths in passes of at most `budget` tokens: a drop-in for `student`.
+
+    student(ids) -> (L_real (n,), answer log-probs (n, A, V) or None) for the paths `ids`, with
+    gradients when autograd is on: mind.micro_step's one pass over all B*K paths, whose memory grows
+    with them. bounded_paths(...)(ids) returns the same two tensors in two passes over the paths:
+      pass 1, at once: every path, in passes of at most `budget` tokens, without gradients;
+      pass 2, when the caller backpropagates a loss L of these tensors (mind.py: Eq. 4): the paths
+        that L depends on run again with gradients, one pass at a time, and each pass
+        backpropagates the gradient that L sends to its paths' values.
+    Why that is exactly the gradient of the plain step: L depends on the weights only through the
+    per-path values v_k (L_real,k and the answer log-probs), so by the chain rule
+        dL/dtheta = sum over paths k of <dL/dv_k, dv_k/dtheta>.
+    Autograd evaluates L once, on the full (B, K) values, and delivers every dL/dv_k here (the
+    backward of _PathValues); a pass over a group of paths adds its terms of the sum; summed over
+    the passes, that is every term. A path with dL/dv_k = 0 (outside I_dyn) is not run again. This
+    holds because both passes compute the same function of the weights (mind.Config refuses LoRA
+    dropout, add_lora zeroes every other dropout). "Exactly" is mathematical: the passes group
+    paths differently, so sums round differently (in bf16 on a GPU, about 1e-3 relative);
+    test_mind.py holds the two steps equal in fp32. docs/performance.md counts the memory."""
+    def run(ids):
+        if not torch.is_grad_enabled():  # the warmup: values only, no second pass
+            return _PathValues.measure(student, lengths, budget, packed, ids)
+        anchor = torch.zeros((), device=device, requires_grad=True)  # makes autograd call pass 2
+        return _PathValues.apply(anchor, student, lengths, budget, packed, list(ids))
+    return run
+
+
+class _PathValues(torch.autograd.Function):
+    """Pass 1 in forward, pass 2 in backward (bounded_paths)."""
+
+    @staticmethod
+    def measure(student, lengths, budget, packed, ids):
+        """Pass 1: L_real (n,) and answer log-probs (n, A, V) or None, without gradients."""
+        l_real, answer_lp = None, None
+        with torch.no_grad():
+            for part in plan_passes([lengths[i] for i in ids], budget, packed):
+                loss, lp = student([ids[n] for n in part])
+                if l_real is None:
+                    l_real = loss.new_zeros(len(ids), dtype=torch.float32)
+                    answer_lp = None if lp is None else lp.new_zeros(len(ids), *lp.shape[1:])
+                at, = to_device(loss.device, torch.tensor(part))
+                l_real[at] = loss.float()
+                if lp is not None:
+                    answer_lp[at] = lp
+        return l_real, answer_lp
+
+    @staticmethod
+    def forward(ctx, anchor, student, lengths, budget, packed, ids):
+        ctx.args, ctx.device = (student, lengths, budget, packed, ids), anchor.device
+        ctx.autocast = torch.get_autocast_dtype(anchor.device.type), torch.is_autocast_enabled(
+            anchor.device.type)
+        return _PathValues.measure(student, lengths, budget, packed, ids)
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_lp):
+        student, lengths, budget, packed, ids = ctx.args
+        if grad_loss is None:  # L does not read L_real (a loss of the answer log-probs alone)
+            grad_loss = torch.zeros(len(ids), device=ctx.device)
+        used = grad_loss != 0                                       # dL/dv_k: (n,), (n, A, V)
+        if grad_lp is not None:
+            used |= grad_lp.flatten(1).ne(0).any(1)
+        live = used.nonzero().flatten().tolist()                    # the paths L depends on
+        dtype, enabled = ctx.autocast
+        for part in plan_passes([lengths[ids[n]] for n in live], budget, packed):
+            rows = [live[n] for n in part]                          # positions in ids
+            at, = to_device(grad_loss.device, torch.tensor(rows))
+            with torch.enable_grad(), torch.autocast(grad_loss.device.type, dtype, enabled=enabled):
+                loss, lp = student([ids[n] for n in rows])
+            values, grads = [loss.float()], [grad_loss[at]]
+            if lp is not None and grad_lp is not None:
+                values, grads = values + [lp], grads + [grad_lp[at]]
+            torch.autograd.backward(values, grads)                  # this pass's terms of dL/dtheta
+        return None, None, None, None, None, None
+
+
 def auto_pass_budget(cfg, model_config, n_params: int, free_bytes: int | None) -> int:
-    """--max-tokens-per-pass 0: the largest budget whose estimated peak (bench.memory_model, with
+    """--max-tokens-per-pass 0: the largest budget whose estimated peak (memory.memory_model, with
     its allowance) fits `free_bytes`, the GPU memory free before the student was loaded; without a
-    GPU, the default 2048."""
+    GPU, the default (mind.Config.PASS_BUDGET)."""
     if free_bytes is None:
-        return 2048
-    import bench  # the memory model lives with the benchmark whose tests hold it to CPU counts
+        return cfg.PASS_BUDGET
+    import memory
     checkpointing = cfg.grad_checkpointing or (cfg.grad_checkpointing is None
                                                and n_params >= cfg.LARGE_STUDENT)
-    return bench.auto_pass_budget(free_bytes, model_config, bool(checkpointing), cfg.batch_size,
-                                  cfg.max_len, lora_r=cfg.lora_r, loss_chunk=cfg.loss_chunk)
+    return memory.auto_pass_budget(free_bytes, model_config, bool(checkpointing), cfg.batch_size,
+                                   cfg.max_len, lora_r=cfg.lora_r, loss_chunk=cfg.loss_chunk)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -267,6 +345,9 @@ def retry_on_oom(step, params, cfg, longest: int, say=print):
             p.grad = None if g is None else g.clone()
         free_memory()
         budget = cfg.max_tokens_per_pass
+        if budget < 0:  # the plain step holds every path at once: the bounded one is the remedy
+            raise OutOfMemory("out of memory in the plain step (--max-tokens-per-pass -1), which "
+                              "holds every path at once; try --max-tokens-per-pass 2048 or 0")
         if budget < longest:
             raise OutOfMemory(f"out of memory with passes of {budget} tokens: a path of {longest} "
                               f"tokens does not fit alone; try a smaller --max-len, "

@@ -97,7 +97,8 @@ def check_config(c) -> None:
               "lora_r": c.lora_r >= 1, "lora_alpha": c.lora_alpha >= 1,
               "lora_dropout": c.lora_dropout == 0, "meta_dim": c.meta_dim >= 1,
               "meta_heads": c.meta_heads >= 1, "max_len": c.max_len >= 16,
-              "max_tokens_per_pass": c.max_tokens_per_pass == 0 or c.max_tokens_per_pass >= c.max_len,
+              "max_tokens_per_pass": c.max_tokens_per_pass in (None, -1, 0)
+                                     or c.max_tokens_per_pass >= c.max_len,
               "loss_chunk": c.loss_chunk >= 1, "log_every": c.log_every >= 1,
               "max_steps": c.max_steps >= 0, "seed": 0 <= c.seed < 2**32,
               "device": c.device in ("auto", "cpu", "cuda")}
@@ -564,13 +565,17 @@ class Tally:
         self.sums = torch.zeros(sum(self.LAYOUT.values()), device=device)
 
     def add(self, l_meta, info, B: int) -> None:
-        """Adds one micro-batch of B problems: the losses (means) x B, and per-problem sums."""
-        zero = torch.tensor(0.0)
+        """Adds one micro-batch of B problems: the losses (means) x B, and per-problem sums. In the
+        warmup the student neither selects nor learns: the log reads L_sft = L_cons = 0, |I| = K
+        and alpha = 0."""
+        warmup, zero = info.get("warmup", False), torch.tensor(0.0)
         scores = info["scores"] if info["scores"] is not None else torch.zeros_like(info["alpha"])
-        parts = {"sft": info.get("sft", zero).item() * B, "cons": info.get("cons", zero).item() * B,
+        sft, cons = (zero, zero) if warmup else (info.get("sft", zero), info.get("cons", zero))
+        parts = {"sft": sft.item() * B, "cons": cons.item() * B,
                  "meta": 0.0 if l_meta is None else l_meta.item() * B,
-                 "selected": info["mask"].sum().item(), "problems": B, "tokens": info["tokens"],
-                 "alpha": info["alpha"], "score": scores, "loss_real": info["l_real"]}
+                 "selected": K * B if warmup else info["selected"].sum().item(), "problems": B,
+                 "tokens": info["tokens"], "alpha": info["alpha"] * (not warmup), "score": scores,
+                 "loss_real": info["l_real"]}
         flat = [torch.tensor([float(parts[name])]) if n == 1 else parts[name].float().cpu().sum(0)
                 for name, n in self.LAYOUT.items()]
         self.sums += torch.cat(flat).to(self.sums.device)

@@ -43,7 +43,7 @@ Usage:
   torchrun --nproc_per_node 2 mind.py --student Qwen/Qwen2.5-1.5B   # two GPUs, as in the paper
   python mind.py --student Qwen/Qwen2.5-1.5B --variant no-inertia   # an ablation (README)
 """
-import hashlib, math, os
+import hashlib, itertools, math, os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, NamedTuple
@@ -74,86 +74,94 @@ GROUPS = {"run": "what to train, and where",
           "engineering": "engineering: cost only, the numbers stay the same"}
 
 
-def opt(group, default, help):
+def flag(group, default, help):
     return field(default=default, metadata={"group": group, "help": help})
 
 
 @dataclass
 class Config:
-    student: str = opt("run", "Qwen/Qwen2.5-1.5B", "hub id or folder of a causal LM, or 'tiny' for "
-                       "the offline demo [paper 4.1: Qwen2.5-1.5B, Qwen2.5-7B, Llama3.1-8B]")
-    data: str | None = opt("run", None, "JSONL of problems with 8 rationales [default: "
-                           "data/mind_math.jsonl (data/build.py) if present, else data/sample.jsonl]")
-    encoder: str | None = opt("run", None, "frozen Sentence-BERT, hub id or folder [3.3.1 names "
-                              "none; ours: all-MiniLM-L6-v2, 'tiny' with --student tiny]")
-    out: str = opt("run", "runs/mind", "output folder: checkpoints, metrics.jsonl, final adapter")
-    variant: str = opt("run", "mind", "mind, or an ablation: single:<perspective> (Table 1 'w/o "
-                       "fusion'), uniform (8 paths, alpha 1/8), no-inertia (Fig. 7a: alpha from the "
-                       "losses), no-synergy (Fig. 7b: no self-attention), topk:<1-8> (Fig. 6)")
-    seed: int = opt("run", 0, "random seed")
-    resume: bool = opt("run", False, "continue from the newest complete checkpoint in --out, "
-                       "with the same settings but for those that change only the cost")
-    max_steps: int = opt("run", 0, "stop (and checkpoint) after this many optimizer steps in all; "
-                         "0 = no limit")
-    log_every: int = opt("run", 1, "optimizer steps between log lines")
+    student: str = flag("run", "Qwen/Qwen2.5-1.5B", "hub id or folder of a causal LM, or 'tiny' "
+                        "for the offline demo [paper 4.1: Qwen2.5-1.5B, Qwen2.5-7B, Llama3.1-8B]")
+    data: str | None = flag("run", None, "JSONL of problems with 8 rationales [default: "
+                            "data/mind_math.jsonl (data/build.py) if present, else "
+                            "data/sample.jsonl]")
+    encoder: str | None = flag("run", None, "frozen Sentence-BERT, hub id or folder [3.3.1 names "
+                               "none; ours: all-MiniLM-L6-v2, 'tiny' with --student tiny]")
+    out: str = flag("run", "runs/mind", "output folder: checkpoints, metrics.jsonl, final adapter")
+    variant: str = flag("run", "mind", "mind, or an ablation: single:<perspective> (Table 1 'w/o "
+                        "fusion'), uniform (8 paths, alpha 1/8), no-inertia (Fig. 7a: alpha from "
+                        "the losses), no-synergy (Fig. 7b: no self-attention), topk:<1-8> (Fig. 6)")
+    seed: int = flag("run", 0, "random seed")
+    resume: bool = flag("run", False, "continue from the newest complete checkpoint in --out, with "
+                        "the same settings but for those that change only the cost")
+    max_steps: int = flag("run", 0, "stop (and checkpoint) after this many optimizer steps in all; "
+                          "0 = no limit")
+    log_every: int = flag("run", 1, "optimizer steps between log lines")
 
-    epochs: int | None = opt("paper", None, "student epochs after the warmup [Table 8: 8 for 1.5B, "
-                             "6 for 7B/8B; ours: counted after the warmup epoch, which Table 8 "
-                             "lists apart]")
-    lr: float | None = opt("paper", None, "student learning rate [Table 8: 5e-5 for 1.5B, 1e-4 for "
-                           "7B/8B; ours: 3e-3 for the tiny demo]")
-    batch_size: int = opt("paper", 4, "problems per device per micro-step, each with K=8 paths "
-                          "[Table 8]")
-    grad_accum: int = opt("paper", 4, "student gradient accumulation [Table 8]")
-    warmup_epochs: int = opt("paper", 1, "MetaNet-only epochs before joint training [Table 8]")
-    meta_lr_warmup: float = opt("paper", 1e-4, "MetaNet learning rate during warmup [Table 8]")
-    meta_lr: float = opt("paper", 5e-5, "MetaNet learning rate during calibration [Table 8]")
+    epochs: int | None = flag("paper", None, "student epochs after the warmup [Table 8: 8 for "
+                              "1.5B, 6 for 7B/8B; ours: counted after the warmup epoch, which "
+                              "Table 8 lists apart]")
+    lr: float | None = flag("paper", None, "student learning rate [Table 8: 5e-5 for 1.5B, 1e-4 "
+                            "for 7B/8B; ours: 3e-3 for the tiny demo]")
+    batch_size: int = flag("paper", 4, "problems per device per micro-step, each with K=8 paths "
+                           "[Table 8]")
+    grad_accum: int = flag("paper", 4, "student gradient accumulation [Table 8]")
+    warmup_epochs: int = flag("paper", 1, "MetaNet-only epochs before joint training [Table 8]")
+    meta_lr_warmup: float = flag("paper", 1e-4, "MetaNet learning rate during warmup [Table 8]")
+    meta_lr: float = flag("paper", 5e-5, "MetaNet learning rate during calibration [Table 8]")
 
-    meta_grad_accum: int = opt("ours", 16, "MetaNet gradient accumulation while calibrating [ours: "
-                               "3.3.2 asks for more than the student's; 4x]")
-    tau: float = opt("ours", 1.0, "temperature of Eq. 1 [ours: neutral; where scores can reach "
-                     "s = c - L_real, that minimiser does not depend on it]")
-    tau_student: float = opt("ours", 0.1, "temperature of alpha [ours: scores lie in (0,1), so 1.0 "
-                             "would give near-uniform alpha]")
-    beta: float = opt("ours", 0.9, "tolerance of I_dyn: keep s_k >= beta*max(s) [ours: paths within "
-                      "10%% of the best]")
-    lambda_: float = opt("ours", 1.0, "weight of L_cons in Eq. 4 [ours: JSD <= ln 2 keeps the term at "
-                         "the scale of a cross-entropy]")
-    lora_r: int = opt("ours", 16, "LoRA rank [ours: common default]")
-    lora_alpha: int = opt("ours", 32, "LoRA alpha [ours: 2 x rank]")
-    lora_dropout: float = opt("ours", 0.0, "LoRA dropout; only 0 is accepted [ours: the paper gives "
-                              "none; micro_step's exact gradient needs both passes over a path to "
-                              "compute the same function, and dropout draws new masks each time]")
-    meta_dim: int = opt("ours", 256, "MetaNet width [ours]")
-    meta_heads: int = opt("ours", 4, "MetaNet self-attention heads [ours]")
-    max_len: int = opt("ours", 1024, "max tokens per path; longer rationales are cut, the answer "
-                       "suffix kept [ours]")
-    max_grad_norm: float = opt("ours", 1.0, "clip the student's gradient norm [ours: the paper gives "
-                               "no schedule; a common safeguard]")
+    meta_grad_accum: int = flag("ours", 16, "MetaNet gradient accumulation while calibrating "
+                                "[ours: 3.3.2 asks for more than the student's; 4x]")
+    tau: float = flag("ours", 1.0, "temperature of Eq. 1 [ours: neutral; where scores can reach s "
+                      "= c - L_real, that minimiser does not depend on it]")
+    tau_student: float = flag("ours", 0.1, "temperature of alpha [ours: scores lie in (0,1), so "
+                              "1.0 would give near-uniform alpha]")
+    beta: float = flag("ours", 0.9, "tolerance of I_dyn: keep s_k >= beta*max(s) [ours: paths "
+                       "within 10%% of the best]")
+    lambda_: float = flag("ours", 1.0, "weight of L_cons in Eq. 4 [ours: JSD <= ln 2 keeps the "
+                          "term at the scale of a cross-entropy]")
+    lora_r: int = flag("ours", 16, "LoRA rank [ours: common default]")
+    lora_alpha: int = flag("ours", 32, "LoRA alpha [ours: 2 x rank]")
+    lora_dropout: float = flag("ours", 0.0, "LoRA dropout; only 0 is accepted [ours: the paper "
+                               "gives none; micro_step's exact gradient needs both passes over a "
+                               "path to compute the same function, and dropout draws new masks "
+                               "each time]")
+    meta_dim: int = flag("ours", 256, "MetaNet width [ours]")
+    meta_heads: int = flag("ours", 4, "MetaNet self-attention heads [ours]")
+    max_len: int = flag("ours", 1024, "max tokens per path; longer rationales are cut, the answer "
+                        "suffix kept [ours]")
+    max_grad_norm: float = flag("ours", 1.0, "clip the student's gradient norm [ours: the paper "
+                                "gives no schedule; a common safeguard]")
 
-    max_tokens_per_pass: int = opt("engineering", 2048, "tokens in one forward pass of the student, "
-                                   "at least --max-len, or 0: the most that the GPU's free memory "
-                                   "holds (bench.memory_model). Bounds memory whatever MetaNet "
-                                   "selects [ours: by the memory model, 2048 keeps a 1.5B student "
-                                   "under 12 GiB and a 7B one under 22 GiB; docs/performance.md]")
-    packing: bool = opt("engineering", True, "a pass's paths back to back in one row (no padding; "
-                        "varlen attention on CUDA) [ours: speed]")
-    loss_chunk: int = opt("engineering", 1024, "rows of logits alive at once in the per-path loss "
-                          "[ours: memory]")
-    grad_checkpointing: bool | None = opt("engineering", None, "recompute activations in the "
-                                          "backward pass: less memory, about a third more compute "
-                                          "[ours: default on for students of 4B+ parameters]")
-    device: str = opt("engineering", "auto", "auto (CUDA if there is one), cpu or cuda")
-    deterministic: bool = opt("engineering", False, "deterministic kernels: GPU runs repeat bit for "
-                              "bit, slower [ours]")
+    max_tokens_per_pass: int | None = flag("engineering", None, "tokens in one forward pass of the "
+                                           "student (fast.bounded_paths), at least --max-len; 0: "
+                                           "the most that the GPU's free memory holds (memory.py); "
+                                           "-1: no bound, the plain step, one pass over all paths "
+                                           "[ours: 2048 for a real student, which keeps a 1.5B "
+                                           "student under 12 GiB and a 7B one under 22 GiB by the "
+                                           "memory model (docs/performance.md); -1 for --student "
+                                           "tiny]")
+    packing: bool = flag("engineering", True, "a pass's paths back to back in one row (no padding; "
+                         "varlen attention on CUDA) [ours: speed]")
+    loss_chunk: int = flag("engineering", 1024, "rows of logits alive at once in the per-path loss "
+                           "[ours: memory]")
+    grad_checkpointing: bool | None = flag("engineering", None, "recompute activations in the "
+                                           "backward pass: less memory, about a third more compute "
+                                           "[ours: default on for students of 4B+ parameters]")
+    device: str = flag("engineering", "auto", "auto (CUDA if there is one), cpu or cuda")
+    deterministic: bool = flag("engineering", False, "deterministic kernels: GPU runs repeat bit "
+                               "for bit, slower [ours]")
 
     # ours, not flags: a random 2-layer demo student learns visibly in minutes only with a large LR;
     # Table 8 has two rows of students, 1.5B and 7B/8B, and we split them at 4B parameters.
     TINY_LR: ClassVar[float] = 3e-3
     LARGE_STUDENT: ClassVar[float] = 4e9
+    PASS_BUDGET: ClassVar[int] = 2048  # --max-tokens-per-pass of a real student (see its help)
 
     def __post_init__(self):  # every value in range, before any work (infra.check_config)
         check_config(self)
+        if self.max_tokens_per_pass is None:  # the demo runs the plain step, real students passes
+            self.max_tokens_per_pass = -1 if self.student == "tiny" else self.PASS_BUDGET
 
     @property
     def metanet_used(self) -> bool:  # the variants without MetaNet skip its warmup and Eq. 1
@@ -216,7 +224,7 @@ class MetaNet(nn.Module):
             self.attn = nn.MultiheadAttention(d, heads, batch_first=True)
             self.norm = nn.LayerNorm(d)
         # K independent heads phi_k: the "inertia matrix"
-        self.heads = nn.ModuleList(nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, 1))
+        self.phi = nn.ModuleList(nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, 1))
                                    for _ in range(k))
 
     def forward(self, h_x, h_r):                                    # h_x (B, D), h_r (B, K, D)
@@ -224,7 +232,7 @@ class MetaNet(nn.Module):
         z = e
         if self.synergy:
             z = self.norm(e + self.attn(e, e, e, need_weights=False)[0])        # Z = SelfAttn(E)
-        s = torch.cat([head(z[:, k]) for k, head in enumerate(self.heads)], -1)  # (B, K)
+        s = torch.cat([phi_k(z[:, k]) for k, phi_k in enumerate(self.phi)], -1)  # (B, K)
         return torch.sigmoid(s)  # in (0, 1): the threshold beta * max(s) needs positive scores
 
 
@@ -243,13 +251,13 @@ def metanet_loss(scores, student_losses, tau: float):
 def select_perspectives(scores, beta: float, tau_student: float):
     """I_dyn = {k : s_k >= beta * max(s)} and alpha = softmax(s / tau_student) over I_dyn, 0
     elsewhere (the paper's normaliser sums over "I_top"; we read it as I_dyn). scores (B, K) ->
-    mask (B, K) bool, alpha (B, K). The argmax is always selected.
+    selected (B, K) bool, alpha (B, K). The argmax is always selected.
 
     Both are constants: MetaNet learns from Eq. 1 only, never through the student's loss."""
     scores = scores.detach()
-    mask = scores >= beta * scores.max(-1, keepdim=True).values
-    alpha = torch.softmax((scores / tau_student).masked_fill(~mask, float("-inf")), -1)
-    return mask, alpha
+    selected = scores >= beta * scores.max(-1, keepdim=True).values
+    alpha = torch.softmax((scores / tau_student).masked_fill(~selected, float("-inf")), -1)
+    return selected, alpha
 
 
 def variant_weights(variant: str, scores, l_real, beta: float, tau: float, tau_student: float):
@@ -258,22 +266,22 @@ def variant_weights(variant: str, scores, l_real, beta: float, tau: float, tau_s
     current losses."""
     name, _, arg = variant.partition(":")
     if name == "single":  # Table 1 "w/o fusion": one perspective, alpha = 1
-        mask = torch.zeros_like(l_real, dtype=torch.bool)
-        mask[:, PERSPECTIVE_KEYS.index(arg)] = True
-        return mask, mask.float()
+        selected = torch.zeros_like(l_real, dtype=torch.bool)
+        selected[:, PERSPECTIVE_KEYS.index(arg)] = True
+        return selected, selected.float()
     if name == "uniform":  # every path, one weight: multi-path distillation without the capability
         return torch.ones_like(l_real, dtype=torch.bool), torch.full_like(l_real, 1 / K)
     if name == "no-inertia":  # Fig. 7a: the instantaneous losses decide (the beta filter is ours)
         l_real = l_real.detach()  # alpha is a constant here too
         s = torch.exp(-l_real)
-        mask = s >= beta * s.max(-1, keepdim=True).values
-        alpha = torch.softmax((-l_real / tau).masked_fill(~mask, float("-inf")), -1)
-        return mask, alpha  # alpha ~ exp(-L / tau): Eq. 1's temperature, on the losses' scale
+        selected = s >= beta * s.max(-1, keepdim=True).values
+        alpha = torch.softmax((-l_real / tau).masked_fill(~selected, float("-inf")), -1)
+        return selected, alpha  # alpha ~ exp(-L / tau): Eq. 1's temperature, on the losses' scale
     if name == "topk":  # Fig. 6: the K best scores instead of the beta threshold
         s = scores.detach()
         top = s.topk(int(arg), -1).indices
-        mask = torch.zeros_like(s, dtype=torch.bool).scatter(-1, top, True)
-        return mask, torch.softmax((s / tau_student).masked_fill(~mask, float("-inf")), -1)
+        selected = torch.zeros_like(s, dtype=torch.bool).scatter(-1, top, True)
+        return selected, torch.softmax((s / tau_student).masked_fill(~selected, float("-inf")), -1)
     return select_perspectives(scores, beta, tau_student)  # mind, no-synergy
 
 
@@ -284,38 +292,56 @@ def sft_loss(alpha, path_losses):
 
 
 def consistency_loss(answer_logprobs, alpha, answer_mask=None):
-    """Eq. 3: sum over selected pairs i<j of alpha_i alpha_j JSD(P_i || P_j), mean over B.
+    """Eq. 3: sum over the pairs i < j in I_dyn of alpha_i alpha_j JSD(P_i || P_j), mean over B.
 
-    answer_logprobs (B, K, A, V): log P(y_a | x, r_k, y_<a) at the answer tokens; alpha (B, K);
-    answer_mask (B, A) marks real answer tokens (answers differ in length). JSD is in nats,
-    averaged over the answer tokens, computed in fp32 with the mixture taken in log space. Slots
-    with alpha = 0 and masked tokens are replaced by a uniform distribution first, so whatever
-    they hold cannot turn into NaN (0 * inf) in the forward or the backward pass."""
-    B, k, A, V = answer_logprobs.shape
-    mask = torch.ones(B, A, dtype=torch.bool, device=alpha.device)
-    mask = mask if answer_mask is None else answer_mask.bool()
-    keep = (alpha > 0)[:, :, None, None] & mask[:, None, :, None]                 # (B, K, A, 1)
-    lp = torch.where(keep, answer_logprobs.float(), -math.log(V)).clamp(min=-1e4)  # no -inf
-    n_tokens = mask.sum(-1).clamp(min=1)                                          # (B,)
-    loss = lp.new_zeros(B)
-    for i, j in torch.triu_indices(k, k, 1).T.tolist():                         # all pairs i < j
-        w = alpha[:, i] * alpha[:, j]                                             # (B,)
-        if not bool((w > 0).any()):
-            continue
-        # Under autograd the JSD is recomputed in the backward pass: otherwise each of the 28
-        # pairs would keep several (B, A, V) tensors alive, gigabytes at a 150k vocabulary.
-        if lp.requires_grad:
-            jsd = checkpoint(_jsd, lp[:, i], lp[:, j], use_reentrant=False)      # (B, A)
-        else:
-            jsd = _jsd(lp[:, i], lp[:, j])
-        loss = loss + w * (jsd * mask).sum(-1) / n_tokens
+    answer_logprobs (B, K, A, V): log P(y_a | x, r_k, y_<a) at the answer tokens; alpha (B, K), zero
+    outside I_dyn; answer_mask (B, A) marks real answer tokens (answers differ in length). JSD is in
+    nats, averaged over a problem's answer tokens (answer_jsd)."""
+    B, k, A, _ = answer_logprobs.shape
+    if answer_mask is None:
+        answer_mask = torch.ones(B, A, dtype=torch.bool, device=alpha.device)
+    P = answer_logprobs.unbind(1)                                    # K tensors (B, A, V): P_k
+    loss = torch.zeros(B, device=alpha.device)
+    for i, j in itertools.combinations(range(k), 2):                              # pairs i < j
+        w = alpha[:, i] * alpha[:, j]                          # (B,): 0 unless both are in I_dyn
+        if bool((w > 0).any()):  # a pair outside I_dyn in every problem adds 0: not computed
+            tokens = answer_mask.bool() & (w > 0)[:, None]                               # (B, A)
+            loss = loss + w * answer_jsd(P[i], P[j], tokens)
     return loss.mean()
+
+
+def answer_jsd(p, q, tokens):
+    """JSD(P || Q) in nats per problem, the mean over its answer tokens: p, q (B, A, V) are
+    log-probabilities, tokens (B, A) the positions that count. The formula is _jsd; around it:
+      the NaN guard: positions that do not count (padding, or a problem where the pair is outside
+        I_dyn) become uniform distributions before any arithmetic, and log-probs are clamped at
+        -1e4, so whatever they hold (garbage, -inf) cannot make 0 * inf = NaN, forward or backward;
+      the recompute: under autograd the (B, A, V) temporaries are recomputed in the backward pass
+        rather than kept; the 28 pairs would otherwise hold gigabytes at a 150k vocabulary."""
+    def guarded(p, q, tokens):
+        p, q = (torch.where(tokens[..., None], t.float(), -math.log(t.shape[-1])).clamp(min=-1e4)
+                for t in (p, q))
+        return (_jsd(p, q) * tokens).sum(-1) / tokens.sum(-1).clamp(min=1)               # (B,)
+    if p.requires_grad or q.requires_grad:
+        return checkpoint(guarded, p, q, tokens, use_reentrant=False)
+    return guarded(p, q, tokens)
 
 
 def _jsd(p, q):
     """JSD(P || Q) in nats over the last axis, from log-probabilities p, q (..., V)."""
     m = torch.logaddexp(p, q) - math.log(2.0)                                     # log((P+Q)/2)
     return 0.5 * ((p.exp() * (p - m)).sum(-1) + (q.exp() * (q - m)).sum(-1))
+
+
+def total_loss(alpha, path_losses, answer_logprobs, answer_mask, lam: float):
+    """Eq. 4: L_student = L_SFT + lambda * L_cons, from the per-path values of B problems:
+    path_losses (B, K) and answer_logprobs (B, K, A, V), or None where Eq. 3 is not computed
+    (lambda = 0). Returns (L_student, L_SFT, L_cons); the two terms are for the log."""
+    l_sft = sft_loss(alpha, path_losses)                                                 # Eq. 2
+    l_cons = torch.zeros((), device=alpha.device)
+    if answer_logprobs is not None:
+        l_cons = consistency_loss(answer_logprobs, alpha, answer_mask)                   # Eq. 3
+    return l_sft + lam * l_cons, l_sft, l_cons
 
 
 # ----------------------------------------------------------------------------------------------
@@ -406,6 +432,13 @@ def tokenize_paths(tok, rows, max_len: int) -> tuple[list[list[TokenPath]], int]
     return out, n_cut
 
 
+def real_answer_tokens(problems, A: int, device):
+    """(B, A) bool: which of the A answer positions hold a real answer token of each problem
+    (answers differ in length; run_pass repeats a shorter answer's last position)."""
+    n_answer = torch.tensor([pp[0].answer_len for pp in problems])
+    return (torch.arange(A)[None] < n_answer[:, None]).to(device)
+
+
 def run_pass(body, head, paths: list[TokenPath], device, answer_width: int = 0,
              packed: bool = True, chunk: int = 1024):
     """One forward pass of the student over a few paths -> L_real (n,) and, if answer_width > 0,
@@ -417,9 +450,10 @@ def run_pass(body, head, paths: list[TokenPath], device, answer_width: int = 0,
     hidden, ids, start = fast.student_forward(body, [p.ids for p in paths], packed, device)
     # L_real: mean cross-entropy over the labels, all tokens after the prompt. The trap: the
     # hidden state at position t predicts token t + 1, so label position t reads hidden[t - 1].
-    rows = torch.cat([torch.arange(s + p.prompt_len, s + len(p.ids)) for s, p in zip(start, paths)])
-    rows, = fast.to_device(device, rows)                                  # label rows (M,)
-    token_lp = fast.target_logprobs(head, hidden[rows - 1], ids[rows], chunk)           # (M,)
+    label_pos = torch.cat([torch.arange(s + p.prompt_len, s + len(p.ids))
+                           for s, p in zip(start, paths)])
+    label_pos, = fast.to_device(device, label_pos)                                      # (M,)
+    token_lp = fast.target_logprobs(head, hidden[label_pos - 1], ids[label_pos], chunk)  # (M,)
     n_labels = [len(p.ids) - p.prompt_len for p in paths]
     l_real = -torch.stack([lp.mean() for lp in token_lp.split(n_labels)])               # (n,)
     if not answer_width:
@@ -427,138 +461,61 @@ def run_pass(body, head, paths: list[TokenPath], device, answer_width: int = 0,
     # log P(y_a | x, r_k, y_<a) over the vocabulary, at the answer tokens only. A shorter answer
     # repeats its last position up to answer_width; consistency_loss masks those slots.
     a = torch.arange(answer_width)
-    at = torch.stack([s + p.answer_start - 1 + a.clamp(max=p.answer_len - 1)
-                      for s, p in zip(start, paths)])
-    at, = fast.to_device(device, at)                                                    # (n, A)
-    return l_real, F.log_softmax(head(hidden[at]).float(), -1)                          # (n, A, V)
+    answer_pos = torch.stack([s + p.answer_start - 1 + a.clamp(max=p.answer_len - 1)
+                              for s, p in zip(start, paths)])
+    answer_pos, = fast.to_device(device, answer_pos)                                    # (n, A)
+    return l_real, F.log_softmax(head(hidden[answer_pos]).float(), -1)                  # (n, A, V)
 
 
 # ----------------------------------------------------------------------------------------------
-# 6. The training step (3.3.2 and 3.4): Eq. 1 for MetaNet, I_dyn and alpha, Eq. 4 for the student.
-@torch.no_grad()
-def measure_paths(cfg: Config, body, head, paths, answer_width: int, device):
-    """Pass 1 of micro_step: L_real of every path (B*K,) and, if answer_width > 0, every path's
-    answer log-probs (B*K, A, V); no gradients, so nothing is kept between passes."""
-    l_real, answer_lp = torch.zeros(len(paths), device=device), None
-    body.eval()  # only gradient checkpointing differs from train(): add_lora left no dropout
-    lengths = [len(p.ids) for p in paths]
-    for part in fast.plan_passes(lengths, cfg.max_tokens_per_pass, cfg.packing):
-        with fast.autocast(device):
-            loss, lp = run_pass(body, head, [paths[i] for i in part], device, answer_width,
-                                cfg.packing, cfg.loss_chunk)
-        at, = fast.to_device(device, torch.tensor(part))
-        l_real[at] = loss.float()
-        if answer_width:
-            if answer_lp is None:
-                answer_lp = lp.new_zeros(len(paths), answer_width, lp.shape[-1])
-            answer_lp[at] = lp
-    return l_real, answer_lp
-
-
+# 6. The training step (3.3.2 and 3.4): MetaNet's scores, Eq. 1, I_dyn and alpha, Eq. 4.
 def micro_step(cfg: Config, problems, h_x, h_r, metanet, body, head, warmup: bool, device,
-               scale: float = 1.0, scaler=None):
+               scale: float = 1.0, meta_scale: float = 1.0, scaler=None):
     """One micro-batch of B problems (B lists of K TokenPaths); h_x (B, D), h_r (B, K, D); body and
-    head: the student without its LM head, and the head. Returns L_meta (Eq. 1, for the caller's
-    backward, None without MetaNet) and a dict for the logs. Eq. 4's gradient, times `scale`, is
-    already accumulated in the LoRA weights' .grad when it returns (times the loss scale of
-    `scaler`, a torch.amp.GradScaler, in fp16).
+    head: the student without its LM head, and the head. Backpropagates Eq. 1 into MetaNet (times
+    meta_scale) and, after the warmup, Eq. 4 into the student's LoRA weights (times scale, and the
+    loss scale of `scaler`, a torch.amp.GradScaler, in fp16). Returns L_meta (detached; None
+    without MetaNet) and a dict for the logs.
 
-    The plain step, which this one equals:
-        L_real, l = student(every path)                 # with gradients
-        mask, alpha = select_perspectives(MetaNet(x, r), beta, tau_student)
-        (sft_loss(alpha, L_real) + lambda * consistency_loss(l, alpha, answer_mask)).backward()
-    Its memory grows with every selected path. Here the student runs in passes of at most
-    cfg.max_tokens_per_pass tokens instead:
-      pass 1, no gradients: every path's L_real (Eq. 1 needs all K) and answer log-probs l; then
-        I_dyn and alpha;
-      pass 2, the selected paths again, each in exactly one pass (fast.plan_passes): Eq. 4 with
-        this pass's paths live and every other path at its pass-1 value, backpropagated
-        (eq4_with_live_paths; a pass none of whose problems has two selected paths skips Eq. 3).
-    Why that is Eq. 4's gradient: Eq. 4 depends on the weights only through each path's L_real,k
-    and l_k, so by the chain rule
-        dL/dtheta = sum_k dL/dL_real,k * dL_real,k/dtheta + sum_k <dL/dl_k, dl_k/dtheta>.
-    A pass over a group G of paths computes exactly the terms k in G, each partial derivative taken
-    at the pass-1 values of the other paths; summed over the passes, that is every term. Paths
-    outside I_dyn have alpha = 0, so both of their partials are 0, and they are not run again.
-    This holds because (1) alpha and I_dyn are constants, (2) both passes compute the same function
-    of the weights (Config refuses LoRA dropout, add_lora zeroes every other dropout), and (3) padded
-    answer slots carry nothing (consistency_loss masks them). "Exactly" is mathematical: the passes
-    group paths differently, so sums round differently (in bf16 on a GPU, about 1e-3 relative);
-    test_mind.py checks the equality in fp32 (atol 1e-6, rtol 1e-4)."""
-    B = len(problems)
-    A = max(p[0].answer_len for p in problems)                      # answer tokens, longest
-    paths = [p for pp in problems for p in pp]                      # path b * K + k
+    This is the plain step: one forward pass over all B*K paths, with gradients, so its memory grows
+    with the paths. With --max-tokens-per-pass (on by default for real students) the student runs
+    through fast.bounded_paths instead: the same values and gradients in passes of bounded size."""
+    B, A = len(problems), max(pp[0].answer_len for pp in problems)
+    paths = [p for pp in problems for p in pp]                                  # path b * K + k
+    width = 0 if warmup or cfg.lambda_ == 0 else A  # answer tokens to read: Eq. 3 needs them
+    student = lambda ids: run_pass(body, head, [paths[i] for i in ids], device, width,
+                                   cfg.packing, cfg.loss_chunk)  # L_real (n,), log-probs (n, A, V)
+    if cfg.max_tokens_per_pass > 0:  # the same step in passes of bounded memory (fast.py)
+        student = fast.bounded_paths(student, [len(p.ids) for p in paths],
+                                     cfg.max_tokens_per_pass, cfg.packing, device)
+    with torch.set_grad_enabled(not warmup), fast.autocast(device):
+        l_real, answer_lp = student(range(B * K))                              # every path
+    l_real = l_real.view(B, K)                                                         # (B, K)
+    answer_lp = answer_lp.view(B, K, A, -1) if width else None                  # (B, K, A, V)
     scores = metanet(h_x.to(device), h_r.to(device)) if cfg.metanet_used else None     # (B, K)
-    # Eq. 3 needs answer log-probs: of every path, since no-inertia chooses I_dyn from pass 1's
-    # losses (MIND's I_dyn is known already; the cost is one (B*K, A, V) tensor)
-    answer_width = A if not warmup and cfg.lambda_ > 0 else 0
-    l_real, answer_lp = measure_paths(cfg, body, head, paths, answer_width, device)
-    l_real = l_real.view(B, K)
-    l_meta = metanet_loss(scores, l_real, cfg.tau) if scores is not None else None     # Eq. 1
-    info = {"scores": None if scores is None else scores.detach(), "l_real": l_real,
-            "tokens": sum(len(p.ids) for p in paths)}  # counted on the host: no GPU sync
-    # Warmup: MetaNet is fitted (Eq. 1) to the losses of the frozen initial student; nothing is
-    # selected (the all-ones mask and zero alpha only make the log read |I| = K, alpha = 0)
-    if warmup:
-        ones = torch.ones(B, K, dtype=torch.bool, device=device)
-        return l_meta, info | {"mask": ones, "alpha": torch.zeros(B, K, device=device)}
-    mask, alpha = variant_weights(cfg.variant, scores, l_real, cfg.beta, cfg.tau, cfg.tau_student)
-    n_answer = torch.tensor([pp[0].answer_len for pp in problems])
-    answer_mask = (torch.arange(A)[None] < n_answer[:, None]).to(device)                 # (B, A)
-    # The value of Eq. 4 at this step, for the log
-    l_sft = sft_loss(alpha, l_real)                                                       # Eq. 2
-    l_cons = torch.zeros((), device=device)
-    if answer_lp is not None:
-        answer_lp = answer_lp.view(B, K, A, -1)                                    # (B, K, A, V)
-        l_cons = consistency_loss(answer_lp, alpha, answer_mask)                          # Eq. 3
-    info |= {"mask": mask, "alpha": alpha, "sft": l_sft, "cons": l_cons,
-             "student": l_sft + cfg.lambda_ * l_cons}                                     # Eq. 4
-
-    body.train()  # pass 2: gradient checkpointing (where on) works in training mode only
-    selected = mask.flatten().nonzero().flatten().tolist()
-    paired = {b for b in range(B) if sum(i // K == b for i in selected) > 1}  # Eq. 3 is not 0 there
-    lengths = [len(paths[i].ids) for i in selected]
-    for part in fast.plan_passes(lengths, cfg.max_tokens_per_pass, cfg.packing):
-        live = [selected[n] for n in part]                     # path indices b * K + k
-        width = answer_width if any(i // K in paired for i in live) else 0
-        with fast.autocast(device):
-            loss, lp = run_pass(body, head, [paths[i] for i in live], device, width,
-                                cfg.packing, cfg.loss_chunk)
-            eq4 = eq4_with_live_paths(cfg.lambda_, live, loss, lp, l_real, answer_lp, alpha,
-                                      answer_mask)
-        (scaler.scale(eq4 * scale) if scaler else eq4 * scale).backward()
-    return l_meta, info
-
-
-def eq4_with_live_paths(lam: float, live: list[int], loss, lp, l_real, answer_lp, alpha,
-                        answer_mask):
-    """Eq. 4 with the paths `live` (indices b * K + k) taken from this pass, loss (n,) and lp
-    (n, A, V) with gradients, and every other path at its pass-1 value, l_real (B, K) and
-    answer_lp (B, K, A, V). lp is None where Eq. 3 adds nothing.
-
-    Problems without a live path add a constant, so only the b problems the pass touches are
-    evaluated: Eq. 2 and Eq. 3 are means over the B problems, hence the factor b / B."""
-    B = alpha.shape[0]
-    # The pass-1 values of the touched problems, (b, K) and (b, K, A, V), with the live paths'
-    # slots replaced by this pass's results: only those slots carry gradients.
-    touched = sorted({i // K for i in live})                           # problem indices
-    sub = torch.tensor(touched, device=alpha.device)
-    # each live path's slot in the touched problems' flattened (b * K) paths
-    slot = torch.tensor([touched.index(i // K) * K + i % K for i in live], device=alpha.device)
-    losses = l_real[sub].flatten().index_put((slot,), loss.float()).view(-1, K)     # (b, K)
-    eq4 = sft_loss(alpha[sub], losses)                                               # Eq. 2
-    if lp is not None:  # None where none of these problems has two selected paths: Eq. 3 is 0
-        A, V = answer_lp.shape[2:]
-        logprobs = answer_lp[sub].flatten(0, 1).index_put((slot,), lp).view(-1, K, A, V)
-        eq4 = eq4 + lam * consistency_loss(logprobs, alpha[sub], answer_mask[sub])     # Eq. 3
-    return eq4 * len(touched) / B
+    l_meta = metanet_loss(scores, l_real, cfg.tau) if scores is not None else None    # Eq. 1
+    selected, alpha = variant_weights(cfg.variant, scores, l_real, cfg.beta, cfg.tau,
+                                      cfg.tau_student)                          # I_dyn, alpha
+    l_student, l_sft, l_cons = total_loss(alpha, l_real, answer_lp,
+                                          real_answer_tokens(problems, A, device), cfg.lambda_)
+    del answer_lp  # (B, K, A, V): in the bounded step, its gradient takes its place in pass 2
+    # The two backward calls. Eq. 1 moves MetaNet only: L_real is its target, detached. Eq. 4
+    # moves the student only: MetaNet reaches it through I_dyn and alpha, which are constants.
+    if l_meta is not None:
+        (l_meta * meta_scale).backward()
+    if not warmup:
+        (scaler.scale(l_student * scale) if scaler else l_student * scale).backward()
+    info = {"scores": scores, "l_real": l_real, "selected": selected, "alpha": alpha, "sft": l_sft,
+            "cons": l_cons, "student": l_student, "meta": l_meta}
+    info = {k: v if v is None else v.detach() for k, v in info.items()}
+    return info.pop("meta"), info | {"tokens": sum(len(p.ids) for p in paths), "warmup": warmup}
 
 
 # ----------------------------------------------------------------------------------------------
 # 7. The schedule (3.3.2, 3.4): warmup (MetaNet alone, against the frozen student), then MetaNet's
 # calibration and the student's training together; a log line per interval, a checkpoint per epoch.
 @dataclass
-class Run:
+class Training:
     """What a training run holds; prepare() builds it, train_epoch() advances it."""
     cfg: Config
     device: torch.device
@@ -570,7 +527,7 @@ class Run:
     h_r: torch.Tensor           # (N, K, D) and of their rationales
     peft_model: nn.Module
     metanet: MetaNet
-    opt: torch.optim.Optimizer        # the student's LoRA weights
+    student_opt: torch.optim.Optimizer  # the student's LoRA weights
     meta_opt: torch.optim.Optimizer   # MetaNet's
     lr: float
     epochs: int                 # the student's, after the warmup
@@ -593,8 +550,12 @@ class Run:
     def head(self):
         return self.peft_model.get_base_model().get_output_embeddings()
 
+    @property
+    def lora(self):  # the student's trained weights
+        return self.student_opt.param_groups[0]["params"]
 
-def prepare(cfg: Config) -> Run:
+
+def prepare(cfg: Config) -> Training:
     """Data, student, encoder embeddings, tokenized paths, MetaNet, optimizers; a resumed run's
     state from its latest checkpoint."""
     rnk, world, device = setup_distributed(cfg)
@@ -635,18 +596,19 @@ def prepare(cfg: Config) -> Run:
     synergy = cfg.variant != "no-synergy"
     metanet = MetaNet(h_x.shape[-1], cfg.meta_dim, cfg.meta_heads, synergy=synergy).to(device)
     lora_params = [p for p in peft_model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(lora_params, lr=lr, weight_decay=0.0)
+    student_opt = torch.optim.AdamW(lora_params, lr=lr, weight_decay=0.0)
     meta_opt = torch.optim.AdamW(metanet.parameters(), lr=cfg.meta_lr_warmup, weight_decay=0.0)
     n_micro = len(epoch_batches(len(rows), cfg.batch_size, cfg.seed, 0, rnk, world))
     have = all("subject" in r for r in rows)
     identity = run_identity(cfg, data_path, lr=lr, epochs=epochs, encoder=encoder_id, tokenizer=tok)
-    run = Run(cfg, device, world, out, rows, paths, h_x, h_r, peft_model, metanet, opt, meta_opt,
+    run = Training(cfg, device, world, out, rows, paths, h_x, h_r, peft_model, metanet, student_opt,
+                   meta_opt,
               lr, epochs, cfg.warmup_epochs if cfg.metanet_used else 0,  # no MetaNet, no warmup
               math.ceil(n_micro / cfg.grad_accum), sorted({r["subject"] for r in rows}) if have else [],
               identity)
     if saved:
-        run.step, run.epoch, run.micro = load_checkpoint(saved, identity, peft_model, metanet, opt,
-                                                         meta_opt, log)
+        run.step, run.epoch, run.micro = load_checkpoint(saved, identity, peft_model, metanet,
+                                                         student_opt, meta_opt, log)
         run.checkpoint, run.saved_at = saved, (run.epoch, run.micro)
     run.scaler = fast.grad_scaler(device)  # loss scaling where the student computes in fp16
     broadcast_from_rank0([*lora_params, *metanet.parameters()])  # one start for all processes
@@ -655,7 +617,7 @@ def prepare(cfg: Config) -> Run:
     return run
 
 
-def planned_steps(run: Run) -> int:
+def planned_steps(run: Training) -> int:
     total = (run.warmup_epochs + run.epochs) * run.steps_per_epoch
     return min(total, run.cfg.max_steps) if run.cfg.max_steps else total
 
@@ -692,14 +654,14 @@ def optimizer_step(opt, params, max_norm: float | None = None, scaler=None) -> N
     opt.zero_grad(set_to_none=True)
 
 
-def save(run: Run, epoch: int, micro: int) -> None:
+def save(run: Training, epoch: int, micro: int) -> None:
     """A checkpoint of the run as it is before micro-batch `micro` of `epoch`."""
     run.checkpoint = save_checkpoint(run.out, run.step, epoch, micro, run.peft_model, run.metanet,
-                                     run.opt, run.meta_opt, run.world, run.identity)
+                                     run.student_opt, run.meta_opt, run.world, run.identity)
     run.saved_at = (epoch, micro)
 
 
-def train_epoch(run: Run, epoch: int, warmup: bool, log: RunLog, stop: StopOnSignal) -> bool:
+def train_epoch(run: Training, epoch: int, warmup: bool, log: RunLog, stop: StopOnSignal) -> bool:
     """One epoch of micro-batches; True if the run stops here (a signal, or --max-steps)."""
     cfg = run.cfg
     # MetaNet's hysteresis (3.3.2): while calibrating, it accumulates over more micro-batches than
@@ -713,30 +675,14 @@ def train_epoch(run: Run, epoch: int, warmup: bool, log: RunLog, stop: StopOnSig
         idx, last = batches[i], i == len(batches) - 1
         n_acc, student_due = accumulation_window(i, len(batches), cfg.grad_accum)
         n_meta, meta_due = accumulation_window(i, len(batches), meta_accum)
-        problems = [run.paths[b] for b in idx]
-        lora = run.opt.param_groups[0]["params"]
-        step = lambda: micro_step(cfg, problems, run.h_x[idx], run.h_r[idx], run.metanet, run.body,
-                                  run.head, warmup, run.device, 1 / n_acc, run.scaler)
-        # An out-of-memory error redoes the micro-step with smaller passes (fast.py)
-        longest = max(len(p.ids) for pp in problems for p in pp)
-        say = lambda line: log.event(line, kind="oom", step=run.step,
-                                     max_tokens_per_pass=cfg.max_tokens_per_pass)
-        try:
-            l_meta, info = fast.retry_on_oom(step, lora, cfg, longest, say)
-        except fast.OutOfMemory as e:  # nothing is lost: a checkpoint from before this micro-batch
-            if (epoch, i) != run.saved_at:
-                save(run, epoch, i)
-            raise DataError(f"{e}; the run so far is in {run.checkpoint} (--resume)") from None
-        stop_if_diverged(run.step + 1, l_meta, info, run.device, run.out)  # NaN: stop, save nothing
-        if l_meta is not None:  # Eq. 1 moves MetaNet; Eq. 4's backward was done in micro_step
-            (l_meta / n_meta).backward()
+        l_meta, info = guarded_step(run, epoch, i, idx, warmup, 1 / n_acc, 1 / n_meta, log)
         if meta_due and cfg.metanet_used:
             optimizer_step(run.meta_opt, run.metanet.parameters())
         log.add(l_meta, info, [run.rows[b].get("subject") for b in idx])
         if not student_due:
             continue
         if not warmup:  # the warmup leaves the student as it was
-            optimizer_step(run.opt, lora, cfg.max_grad_norm, run.scaler)
+            optimizer_step(run.student_opt, run.lora, cfg.max_grad_norm, run.scaler)
         run.step += 1
         log.step_done()
         if run.step % cfg.log_every == 0 or last:
@@ -750,6 +696,30 @@ def train_epoch(run: Run, epoch: int, warmup: bool, log: RunLog, stop: StopOnSig
         if halt:
             return True
     return False
+
+
+def guarded_step(run: Training, epoch: int, i: int, idx: list[int], warmup: bool, scale: float,
+                 meta_scale: float, log: RunLog):
+    """micro_step on micro-batch i of the epoch (problems idx), with what a long run needs around it: an
+    out-of-memory error redoes it in smaller passes (the numbers do not change), and where even one
+    path cannot fit, the run ends with a checkpoint from before it; a NaN or inf loss stops the run
+    before any optimizer step (infra.stop_if_diverged)."""
+    cfg = run.cfg
+    problems = [run.paths[b] for b in idx]
+    step = lambda: micro_step(cfg, problems, run.h_x[idx], run.h_r[idx], run.metanet, run.body,
+                              run.head, warmup, run.device, scale, meta_scale, run.scaler)
+    longest = max(len(p.ids) for pp in problems for p in pp)
+    say = lambda line: log.event(line, kind="oom", step=run.step,
+                                 max_tokens_per_pass=cfg.max_tokens_per_pass)
+    try:
+        l_meta, info = fast.retry_on_oom(step, [*run.lora, *run.metanet.parameters()], cfg,
+                                         longest, say)
+    except fast.OutOfMemory as e:  # nothing is lost: a checkpoint from before this micro-batch
+        if (epoch, i) != run.saved_at:
+            save(run, epoch, i)
+        raise DataError(f"{e}; the run so far is in {run.checkpoint} (--resume)") from None
+    stop_if_diverged(run.step + 1, l_meta, info, run.device, run.out)  # NaN: stop, save nothing
+    return l_meta, info
 
 
 def main(cfg: Config) -> dict:

@@ -23,7 +23,7 @@ def one_step(cfg, model, problems, h_x, h_r, metanet, device):
     model.zero_grad(set_to_none=True)
     longest = max(len(p.ids) for pp in problems for p in pp)
     step = lambda: mind.micro_step(cfg, problems, h_x, h_r, metanet, body, head, False, device)
-    fast.retry_on_oom(step, lora, cfg, longest)
+    fast.retry_on_oom(step, [*lora, *metanet.parameters()], cfg, longest)
     return [p.grad.float().clone() for p in lora]
 
 

@@ -55,13 +55,12 @@ def tiny_steps():
 
     def mind_step():
         l_meta, info = mind.micro_step(cfg, problems, h_x, h_r, metanet, body, head, False, CPU)
-        l_meta.backward()
-        masks.append(info["mask"])
+        masks.append(info["selected"])
 
     def naive_step():
         l_meta, l_student, info = bench.naive_step(cfg, problems, h_x, h_r, metanet, plain_model, CPU)
         (l_meta + l_student).backward()
-        masks.append(info["mask"])
+        masks.append(info["selected"])
     return problems, masks, {"mind": mind_step, "naive": naive_step}
 
 

@@ -251,14 +251,18 @@ def test_a_path_that_cannot_fit_alone_is_one_line_a_checkpoint_and_exit_2(tmp_pa
     data = tmp_path / "small.jsonl"
     data.write_text("".join(SAMPLE.read_text().splitlines(keepends=True)[:8]))
     inject_oom(monkeypatch, above=10**9)
-    mind.main(tiny_cfg(tmp_path / "run", data, epochs=1, max_steps=3))  # steps 1-3 run fine
+    bounded = dict(epochs=1, max_tokens_per_pass=1000)
+    mind.main(tiny_cfg(tmp_path / "run", data, max_steps=3, **bounded))  # steps 1-3 run fine
     inject_oom(monkeypatch, above=50)                                    # now nothing fits
     with pytest.raises(mind.DataError) as e:
-        mind.main(tiny_cfg(tmp_path / "run", data, epochs=1, resume=True))
+        mind.main(tiny_cfg(tmp_path / "run", data, resume=True, **bounded))
     msg = str(e.value)
     assert "does not fit alone" in msg and "--max-len" in msg and "--grad-checkpointing" in msg
     assert "--batch-size" in msg and "checkpoint-000003" in msg and "--resume" in msg
     assert (tmp_path / "run" / "checkpoint-000003" / "state.pt").exists()
+    with pytest.raises(mind.DataError) as e:  # the plain step, which holds every path at once
+        mind.main(tiny_cfg(tmp_path / "plain", data, epochs=1, max_tokens_per_pass=-1))
+    assert "plain step" in str(e.value) and "--max-tokens-per-pass 2048" in str(e.value)
 
 
 def test_oom_check_script_runs_its_retry_on_the_cpu():
@@ -272,14 +276,14 @@ def test_oom_check_script_runs_its_retry_on_the_cpu():
 def test_pass_budget_from_the_free_gpu_memory():
     """--max-tokens-per-pass 0: the largest budget the memory model fits in the free memory."""
     from transformers import Qwen2Config
-    import bench
-    config = Qwen2Config(**bench.SHAPES["1.5b"])
+    import memory
+    config = Qwen2Config(**memory.SHAPES["1.5b"])
     cfg = mind.Config(student="x", max_tokens_per_pass=0)
     GiB = 2 ** 30
     assert fast.auto_pass_budget(cfg, config, 1.5e9, None) == 2048  # no GPU: the default
     for card in (16, 24, 80):
         n = fast.auto_pass_budget(cfg, config, 1.5e9, card * GiB)
-        need = lambda b: bench.memory_model(config, b, False)["need_gib"]
+        need = lambda b: memory.memory_model(config, b, False)["need_gib"]
         assert n % 256 == 0 and need(n) <= card and (n == 16384 or need(n + 256) > card), card
     assert fast.auto_pass_budget(cfg, config, 1.5e9, 24 * GiB) > 2 * 2048
     with pytest.raises(ValueError, match="--max-tokens-per-pass 1000"):

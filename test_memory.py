@@ -1,4 +1,4 @@
-"""Tests for bench.py's memory model (memory_model, auto_pass_budget, --memory) against what the
+"""Tests for memory.py's model of the step's memory (memory_model, auto_pass_budget; bench.py --memory) against what the
 CPU counts: the bytes autograd keeps for backward in decoder layers of the real Qwen2.5-1.5B and 7B
 shapes, and the peak of live tensor memory in a layer's backward, the loss chunk, Eq. 3's pass-2
 copies and whole small steps. Run: pytest -q test_memory.py
@@ -15,7 +15,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
-import bench, fast, mind
+import bench, fast, memory, mind
 from test_mind import SavedBytes  # bytes autograd holds for backward, weights excluded
 
 CPU = torch.device("cpu")
@@ -173,12 +173,12 @@ def test_saved_bytes_per_token_match_the_formula(two_layers, grad_checkpointing)
     length = 96  # not the head dim (128), so that (n, n) and (n, head dim) differ
     one_layer, whole = count_pass(peft_model, body, head, length, skip=True)
     tokens = 2 * length
-    c = bench.dims(shape)
+    c = memory.dims(shape)
     # without checkpointing the layer also keeps autocast's bf16 copies of its LoRA weights
-    copies = 0 if grad_checkpointing else bench.BF16 * lora_params(peft_model, "layers.1.")
-    want_layer = tokens * (bench.BF16 * c["h"] if grad_checkpointing else
-                           bench.layer_bytes_per_token(c, 16, "sdpa-cpu", length)) + copies
-    per_token = bench.saved_bytes_per_token(c, grad_checkpointing, 16, "sdpa-cpu", length)
+    copies = 0 if grad_checkpointing else memory.BF16 * lora_params(peft_model, "layers.1.")
+    want_layer = tokens * (memory.BF16 * c["h"] if grad_checkpointing else
+                           memory.layer_bytes_per_token(c, 16, "sdpa-cpu", length)) + copies
+    per_token = memory.saved_bytes_per_token(c, grad_checkpointing, 16, "sdpa-cpu", length)
     want_whole = tokens * per_token + 2 * copies
     print(f"{name}, checkpointing {grad_checkpointing}: layer {one_layer / tokens:,.0f} bytes per "
           f"token counted, {want_layer / tokens:,.0f} modelled; pass {whole / tokens:,.0f} counted, "
@@ -214,11 +214,11 @@ def test_layer_backward_peak_matches_the_formula(two_layers, grad_checkpointing)
     paths (32 tokens), so that the CPU attention's (heads, n, n) gradients stay small, as on a GPU."""
     name, shape, peft_model, body, head = two_layers
     set_checkpointing(peft_model, grad_checkpointing)
-    c, tokens, length = bench.dims(shape), 256, 32
+    c, tokens, length = memory.dims(shape), 256, 32
     kept, peak = count_layer_backward(peft_model, body, tokens, length, skip=True)
-    want = bench.layer_backward_bytes_per_token(c)
+    want = memory.layer_backward_bytes_per_token(c)
     if grad_checkpointing:
-        want += bench.layer_bytes_per_token(c, 16, "sdpa-cpu", length)
+        want += memory.layer_bytes_per_token(c, 16, "sdpa-cpu", length)
     print(f"{name}, checkpointing {grad_checkpointing}: the backward adds "
           f"{(peak - kept) / tokens:,.0f} bytes per token, {want:,} modelled")
     assert peak - kept == pytest.approx(want * tokens, rel=0.10)
@@ -226,12 +226,12 @@ def test_layer_backward_peak_matches_the_formula(two_layers, grad_checkpointing)
 
 def test_parameter_counts(two_layers):
     name, shape, peft_model, body, head = two_layers
-    c = bench.dims(shape)
+    c = memory.dims(shape)
     base = peft_model.get_base_model().num_parameters() - lora_params(peft_model)
-    assert bench.param_count(c) == base
-    want_lora = c["L"] * 16 * sum(a + b for a, b in bench.linear_shapes(c))
+    assert memory.param_count(c) == base
+    want_lora = c["L"] * 16 * sum(a + b for a, b in memory.linear_shapes(c))
     assert lora_params(peft_model) == want_lora
-    assert bench.memory_model(shape, 1024, False)["lora_params"] == want_lora
+    assert memory.memory_model(shape, 1024, False)["lora_params"] == want_lora
 
 
 @pytest.mark.parametrize("arch", ["qwen2-1.5b", "qwen2-7b", "llama-8b", "llama-small"])
@@ -250,9 +250,9 @@ def test_parameter_count_of_full_configs(arch):
                                head_dim=32, attention_bias=True, mlp_bias=True), LlamaForCausalLM
     with torch.device("meta"):
         model = cls(cfg)
-    assert bench.param_count(bench.dims(cfg)) == model.num_parameters()
+    assert memory.param_count(memory.dims(cfg)) == model.num_parameters()
     if arch == "llama-small":
-        assert bench.dims(cfg)["D"] == 32
+        assert memory.dims(cfg)["D"] == 32
 
 
 # ---------------------------------------------------------------- the transients, and whole steps
@@ -265,26 +265,26 @@ def test_loss_chunk_peak():
         with torch.autocast("cpu", torch.bfloat16):
             lp = fast.target_logprobs(head, x, t, rows)
         lp.sum().backward()
-    assert live.peak - live.start == pytest.approx(bench.loss_chunk_bytes(rows, V), rel=0.05)
+    assert live.peak - live.start == pytest.approx(memory.loss_chunk_bytes(rows, V), rel=0.05)
 
 
-@pytest.mark.parametrize("B, live_paths", [(1, [0]), (2, [0, 1]), (2, list(range(16))),
-                                           (4, [0, 9, 18])])
-def test_eq3_pass2_peak(B, live_paths):
-    """eq4_with_live_paths and its backward for the paths of one pass: b problems touched, n paths."""
-    K, A, V = mind.K, 4, 4096
+@pytest.mark.parametrize("B, A, V, selected", [(1, 4, 4096, 8), (2, 4, 4096, 8), (4, 2, 8192, 8),
+                                                (2, 8, 2048, 3)])
+def test_eq4_peak(B, A, V, selected):
+    """Eq. 4 over the full answer log-probs and its backward, as micro_step runs it between the
+    passes of the bounded step: the values come from pass 1 (a leaf here), their gradient goes to
+    pass 2. `selected` paths of each problem are in I_dyn."""
+    K = mind.K
     g = torch.Generator().manual_seed(0)
-    answer_lp = torch.log_softmax(torch.randn(B, K, A, V, generator=g), -1)
-    l_real, alpha = torch.rand(B, K, generator=g), torch.full((B, K), 1 / K)
+    answer_lp = torch.log_softmax(torch.randn(B * K, A, V, generator=g), -1).requires_grad_()
+    l_real = torch.rand(B * K, generator=g, requires_grad=True)
+    alpha = torch.zeros(B, K)
+    alpha[:, :selected] = 1 / selected
     mask = torch.ones(B, A, dtype=torch.bool)
-    logits = torch.randn(len(live_paths), A, V, generator=g, requires_grad=True)
-    loss = torch.rand(len(live_paths), generator=g, requires_grad=True)
-    with LiveBytes(answer_lp, l_real, alpha, mask, logits, loss) as live:
-        lp = torch.log_softmax(logits, -1)  # the pass's own (n, A, V) log-probs, as in run_pass
-        mind.eq4_with_live_paths(1.0, live_paths, loss, lp, l_real, answer_lp, alpha, mask).backward()
-        del lp
-    n, b = len(live_paths), len({i // K for i in live_paths})
-    assert live.peak - live.start == pytest.approx(bench.eq3_pass2_bytes(b, n, A, V), rel=0.05)
+    with LiveBytes(answer_lp, l_real, alpha, mask) as live:
+        loss = mind.total_loss(alpha, l_real.view(B, K), answer_lp.view(B, K, A, V), mask, 1.0)[0]
+        loss.backward()
+    assert live.peak - live.start == pytest.approx(memory.eq4_bytes(B, A, V, selected), rel=0.05)
 
 
 SMALL = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4,
@@ -298,12 +298,12 @@ def small():
 
 # Each case makes a different transient the largest: Eq. 3 in pass 2, the loss chunk, the
 # recomputed layer's backward under checkpointing.
-def count_step(small, grad_checkpointing: bool, chunk: int, budget: int, skip: bool):
-    """(live bytes before, the peak during one micro_step and MetaNet's backward, the step's info)
+def count_step(small, grad_checkpointing: bool, chunk: int, budget: int, skip: bool, A: int = 4):
+    """(live bytes before, the peak during one micro_step with its two backward calls, its info)
     on the CPU in bf16 autocast with per-path SDPA: B = 2 problems, all 16 paths selected."""
     peft_model, body, head = small
     set_checkpointing(peft_model, grad_checkpointing)
-    B, max_len, A, d_enc = 2, 64, 4, 8
+    B, max_len, d_enc = 2, 64, 8
     torch.manual_seed(0)
     metanet = mind.MetaNet(d_enc)
     lora = [p for p in peft_model.parameters() if p.requires_grad]
@@ -325,32 +325,31 @@ def count_step(small, grad_checkpointing: bool, chunk: int, budget: int, skip: b
             *(t for o in opts for s in o.state.values() for t in s.values())]
     with HalfMatmulsSkipped() if skip else contextlib.nullcontext(), LiveBytes(*held) as live:
         l_meta, info = mind.micro_step(cfg, problems, h_x, h_r, metanet, body, head, False, CPU)
-        l_meta.backward()
     for p in [*lora, *metanet.parameters()]:
         p.grad = None
     return live.start, live.peak, info
 
 
-# Each case makes a different transient the largest: Eq. 3 in pass 2, the loss chunk, the
-# recomputed layer's backward under checkpointing.
-@pytest.mark.parametrize("grad_checkpointing, chunk, budget", [(False, 64, 512), (False, 256, 512),
-                                                                (True, 32, 1024)])
-def test_step_peak_matches_the_model(small, monkeypatch, grad_checkpointing, chunk, budget):
+# Each case makes a different transient the largest: the loss chunk, the recomputed layer's
+# backward under checkpointing, a pass's answer log-probs (answers of 16 tokens).
+@pytest.mark.parametrize("grad_checkpointing, chunk, budget, A", [
+    (False, 64, 512, 4), (False, 256, 512, 4), (True, 32, 1024, 4), (False, 16, 512, 16)])
+def test_step_peak_matches_the_model(small, monkeypatch, grad_checkpointing, chunk, budget, A):
     """The peak of live memory in one micro_step on the CPU (bf16 autocast, per-path SDPA) against
     memory_model with the CPU attention: all 16 paths selected, in passes of 8 or 16. Compared:
     what the step adds to what existed before it (weights, LoRA and MetaNet with gradients and
     AdamW). This checks how the parts add up; the tests above check the parts."""
     monkeypatch.setattr(fast, "precision", lambda device: "bf16")  # bf16 autocast on the CPU
-    start, peak, info = count_step(small, grad_checkpointing, chunk, budget, skip=True)
-    assert bool(info["mask"].all())
-    B, max_len, A, d_enc = 2, 64, 4, 8
-    want = bench.memory_model(SMALL, budget, grad_checkpointing, B, max_len, A, 16, chunk,
+    start, peak, info = count_step(small, grad_checkpointing, chunk, budget, skip=True, A=A)
+    assert bool(info["selected"].all())
+    B, max_len, d_enc = 2, 64, 8
+    want = memory.memory_model(SMALL, budget, grad_checkpointing, B, max_len, A, 16, chunk,
                               attention="sdpa-cpu", d_enc=d_enc)
-    step, want_step = peak - start, (want["peak_gib"] - want["static_gib"]) * bench.GiB
+    step, want_step = peak - start, (want["peak_gib"] - want["static_gib"]) * memory.GiB
     print(f"checkpointing {grad_checkpointing}, chunk {chunk}: the step adds {step / 2**20:.2f} MiB "
           f"counted, {want_step / 2**20:.2f} modelled ({want['phase']}); before it "
           f"{start / 2**20:.2f} counted, {want['static_gib'] * 1024:.2f} modelled")
-    assert start == pytest.approx(want["static_gib"] * bench.GiB, rel=0.02)
+    assert start == pytest.approx(want["static_gib"] * memory.GiB, rel=0.02)
     assert step == pytest.approx(want_step, rel=0.10)
 
 
@@ -376,26 +375,26 @@ def test_skipping_the_products_changes_no_count(small, monkeypatch, grad_checkpo
 def test_auto_pass_budget_is_the_largest_that_fits(shape, grad_checkpointing, free_gib):
     from transformers import Qwen2Config
     config = Qwen2Config(**bench.SHAPES[shape])  # as a loaded student's config
-    free = free_gib * bench.GiB
-    n = bench.auto_pass_budget(free, config, grad_checkpointing)
-    need = lambda n: bench.memory_model(shape, n, grad_checkpointing)["need_gib"] * bench.GiB
-    assert n % 256 == 0 and 1024 <= n <= bench.PASS_CAP
+    free = free_gib * memory.GiB
+    n = memory.auto_pass_budget(free, config, grad_checkpointing)
+    need = lambda n: memory.memory_model(shape, n, grad_checkpointing)["need_gib"] * memory.GiB
+    assert n % 256 == 0 and 1024 <= n <= memory.PASS_CAP
     assert need(n) <= free
-    assert n == bench.PASS_CAP or need(n + 256) > free
-    assert bench.auto_pass_budget(free, shape, grad_checkpointing) == n  # a SHAPES key, the same
-    if n < bench.PASS_CAP:
-        assert bench.auto_pass_budget(free + bench.GiB, config, grad_checkpointing) > n
+    assert n == memory.PASS_CAP or need(n + 256) > free
+    assert memory.auto_pass_budget(free, shape, grad_checkpointing) == n  # a SHAPES key, the same
+    if n < memory.PASS_CAP:
+        assert memory.auto_pass_budget(free + memory.GiB, config, grad_checkpointing) > n
 
 
 def test_auto_pass_budget_refuses_what_cannot_fit():
     with pytest.raises(ValueError, match="GiB"):
-        bench.auto_pass_budget(16 * bench.GiB, "7b", True)  # the bf16 weights alone are 14.2 GiB
+        memory.auto_pass_budget(16 * memory.GiB, "7b", True)  # the bf16 weights alone are 14.2 GiB
     # a max_len that is not a multiple of 256: the smallest budget is the next multiple
-    assert bench.auto_pass_budget(80 * bench.GiB, "1.5b", False, max_len=1000, cap=1024) == 1024
+    assert memory.auto_pass_budget(80 * memory.GiB, "1.5b", False, max_len=1000, cap=1024) == 1024
 
 
 def test_memory_cli_prints_the_breakdown_and_the_fits(capsys):
-    default_budget = mind.Config.max_tokens_per_pass
+    default_budget = mind.Config.PASS_BUDGET
     text = bench.main(["--memory", "--shapes", "1.5b", "7b", "--budgets", "1024", str(default_budget),
                        "--targets", "12", "22"])
     assert text == capsys.readouterr().out.strip()
@@ -403,19 +402,19 @@ def test_memory_cli_prints_the_breakdown_and_the_fits(capsys):
     assert len(rows) == 2 * 2 * 2 + 2 * 2  # breakdowns, then the fits
     default = [r for r in rows if "(defaults)" in r]
     assert [r.split(" | ")[:2] for r in default] == [["| 1.5b", "off"], ["| 7b", "on"]]
-    m = bench.memory_model("7b", default_budget, True)
+    m = memory.memory_model("7b", default_budget, True)
     assert default[1].split(" | ")[-1].rstrip(" |") == f"{m['need_gib']:.2f}"
     fits = rows[-1].split(" | ")  # 7b, checkpointing on: 12 GiB cannot, 22 GiB can
     assert fits[2] == "does not fit"
-    assert fits[3].rstrip(" |") == str(bench.auto_pass_budget(22 * bench.GiB, "7b", True))
+    assert fits[3].rstrip(" |") == str(memory.auto_pass_budget(22 * memory.GiB, "7b", True))
 
 
 def test_the_defaults_fit_the_targets_by_the_model():
     """mind.py's default pass budget, Table 8's batch, 1024 tokens and all 8 paths selected: a
     peak of at most 12 GiB at 1.5B (a 16 GB card, allowance included) and 22 GiB at 7B."""
-    budget, max_len = mind.Config.max_tokens_per_pass, mind.Config.max_len
-    small = bench.memory_model("1.5b", budget, bench.default_checkpointing("1.5b"), max_len=max_len)
-    large = bench.memory_model("7b", budget, bench.default_checkpointing("7b"), max_len=max_len)
+    budget, max_len = mind.Config.PASS_BUDGET, mind.Config.max_len
+    small = memory.memory_model("1.5b", budget, bench.default_checkpointing("1.5b"), max_len=max_len)
+    large = memory.memory_model("7b", budget, bench.default_checkpointing("7b"), max_len=max_len)
     assert small["peak_gib"] <= 12 and small["need_gib"] <= 16
     assert large["peak_gib"] <= 22
-    assert bench.memory_model("1.5b", 3072, False)["peak_gib"] > 12  # the old default did not
+    assert memory.memory_model("1.5b", 3072, False)["peak_gib"] > 12  # the old default did not
