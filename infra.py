@@ -71,9 +71,9 @@ def demo_data_note(student: str, data: Path, n_problems: int, log=print) -> str 
     sample = Path(__file__).resolve().parent / "data" / "sample.jsonl"
     if student == "tiny" or not (sample.exists() and Path(data).resolve() == sample):
         return None
-    note = (f"note: {data} is the {n_problems}-problem demo sample, not the paper's 497-problem "
-            f"training set; build that with `python data/build.py --teacher-url URL "
-            f"--teacher-model MODEL` (docs/dataset.md), which writes data/mind_math.jsonl")
+    note = (f"note: {data} is the {n_problems}-problem demo sample, not a training set of the "
+            f"paper's size; without --data a real student trains on the shipped 497-problem "
+            f"data/mind497.jsonl, or on data/mind_math.jsonl once data/build.py has written it")
     log(note)
     return note
 

@@ -83,8 +83,8 @@ class Config:
     student: str = flag("run", "Qwen/Qwen2.5-1.5B", "hub id or folder of a causal LM, or 'tiny' "
                         "for the offline demo [paper 4.1: Qwen2.5-1.5B, Qwen2.5-7B, Llama3.1-8B]")
     data: str | None = flag("run", None, "JSONL of problems with 8 rationales [default: "
-                            "data/mind_math.jsonl (data/build.py) if present, else "
-                            "data/sample.jsonl]")
+                            "data/mind_math.jsonl (data/build.py) if present, else the shipped "
+                            "data/mind497.jsonl; data/sample.jsonl with --student tiny]")
     encoder: str | None = flag("run", None, "frozen Sentence-BERT, hub id or folder [3.3.1 names "
                                "none; ours: all-MiniLM-L6-v2, 'tiny' with --student tiny]")
     out: str = flag("run", "runs/mind", "output folder: checkpoints, metrics.jsonl, final adapter")
@@ -176,6 +176,16 @@ def parse_args(argv=None) -> Config:
 # 1. Data (Section 3.1): one JSON object per line, {"id", "problem", "answer", "rationales"}.
 # The teacher's rationales were filtered when the file was built (data/build.py); here we only
 # check that each line has the shape the method needs.
+def data_file(cfg) -> Path:
+    """--data if given; else data/mind_math.jsonl once data/build.py has written it; else a shipped
+    set: data/mind497.jsonl, written for this repository in the paper's shape (data/README.md), or
+    for --student tiny the 36-problem data/sample.jsonl, which keeps the offline demo short."""
+    built = HERE / "data" / "mind_math.jsonl"
+    if cfg.data or built.exists():
+        return Path(cfg.data) if cfg.data else built
+    return HERE / "data" / ("sample.jsonl" if cfg.student == "tiny" else "mind497.jsonl")
+
+
 def load_data(path) -> list[dict]:
     rows, seen = [], {}
     for n, row in read_jsonl(path):  # one line, file:line, if the file is not UTF-8 JSON lines
@@ -562,8 +572,7 @@ def prepare(cfg: Config) -> Training:
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
     claim_out(out, cfg.resume)  # one that holds checkpoints only with --resume: nothing overwritten
-    built = HERE / "data" / "mind_math.jsonl"  # made by data/build.py; else the shipped sample
-    data_path = Path(cfg.data) if cfg.data else built if built.exists() else HERE / "data" / "sample.jsonl"
+    data_path = data_file(cfg)
     rows = load_data(data_path)
     log = print if rnk == 0 else (lambda *a, **k: None)
     log(f"data: {len(rows)} problems x {K} perspectives from {data_path}")

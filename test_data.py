@@ -68,3 +68,31 @@ def test_the_shipped_set_passes_its_checker():
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"blind answers agree on {len(ROWS)} of {len(ROWS)}" in r.stdout
+
+
+def test_a_real_student_trains_on_the_set_by_default_and_the_demo_on_the_sample(tmp_path, monkeypatch):
+    import infra, mind
+    data = HERE / "data"
+    real, tiny = mind.Config(student="Qwen/Qwen2.5-1.5B"), mind.Config(student="tiny")
+    monkeypatch.setattr(mind, "HERE", tmp_path)  # a checkout in which data/build.py has not run
+    (tmp_path / "data").mkdir()
+    assert mind.data_file(real) == tmp_path / "data" / "mind497.jsonl"
+    assert mind.data_file(tiny) == tmp_path / "data" / "sample.jsonl"
+    (tmp_path / "data" / "mind_math.jsonl").write_text("")  # once built, the built set comes first
+    assert mind.data_file(real) == mind.data_file(tiny) == tmp_path / "data" / "mind_math.jsonl"
+    assert mind.data_file(mind.Config(student="tiny", data="x.jsonl")) == Path("x.jsonl")
+    said = []  # the shipped set is no demo: no note
+    assert infra.demo_data_note("Qwen/Qwen2.5-1.5B", data / "mind497.jsonl", 497, said.append) is None
+    assert len(mind.load_data(data / "mind497.jsonl")) == len(ROWS) and not said
+
+
+@pytest.mark.parametrize("flag, name", [("--out", "mind497.jsonl"), ("--log", "mind497.blind.jsonl"),
+                                        ("--out", "sample.jsonl")])
+def test_build_never_writes_to_a_shipped_set(flag, name, capsys):
+    before = (HERE / "data" / name).read_bytes()
+    sys.path.insert(0, str(HERE / "data"))
+    import build
+    with pytest.raises(build.BuildError, match=f"{name} is a set shipped with this repository"):
+        build.main(["--teacher-url", "http://127.0.0.1:9/v1", "--teacher-model", "m", flag,
+                    str(HERE / "data" / name)])
+    assert (HERE / "data" / name).read_bytes() == before

@@ -663,8 +663,20 @@ def parse_args(argv=None):
     return a
 
 
+SHIPPED = ("mind497.jsonl", "mind497.blind.jsonl", "sample.jsonl")  # written for this repository
+
+
+def refuse_shipped(*paths) -> None:
+    """The shipped sets are never a build's output or side log: they are not the teacher's."""
+    for path in paths:
+        if path.resolve() in {(HERE / name).resolve() for name in SHIPPED}:
+            raise BuildError(f"{path} is a set shipped with this repository; data/build.py does not "
+                             f"write or append to it: choose another --out or --log")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    refuse_shipped(args.out, args.log)
     try:
         import math_verify  # noqa: F401  (used by check_answer; missing it should fail now, not mid-run)
     except ImportError:
