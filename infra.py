@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from prompts import PERSPECTIVE_KEYS
 
@@ -198,10 +199,14 @@ def from_hub(load, name: str, flag: str, **kwargs):
 
 # ----------------------------------------------------------------------------------------------------
 # 1. The tiny student of `python mind.py --student tiny` and of the tests.
-def build_tiny(texts: list[str], seed: int, max_len: int = 1024, save_to: Path | None = None):
+def build_tiny(texts: list[str], seed: int, max_len: int = 1024, save_to: Path | None = None,
+               pretrain: tuple[int, float] = (0, 0.0)):
     """A 2-layer GPT-2 and a static-embedding Sentence-Transformer over one byte-level BPE tokenizer
-    trained on `texts`: the whole method runs offline, on a CPU, in seconds. With `save_to`, the
-    model and tokenizer are also saved there (from_pretrained format)."""
+    trained on `texts`: the whole method runs offline, on a CPU, in seconds. pretrain = (steps, lr):
+    the GPT-2 first learns the language of `texts` as a plain language model (all its weights,
+    batches of 16 random 128-token windows), so that it starts as a student that can read the
+    data, not from random weights. With `save_to`, the model and tokenizer are also saved there
+    (from_pretrained format)."""
     from sentence_transformers import SentenceTransformer
     try:
         from sentence_transformers.sentence_transformer.modules import StaticEmbedding
@@ -220,6 +225,17 @@ def build_tiny(texts: list[str], seed: int, max_len: int = 1024, save_to: Path |
                                        n_head=4, bos_token_id=eos, eos_token_id=eos, pad_token_id=eos,
                                        attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0))  # as Qwen/Llama: none
     encoder = SentenceTransformer(modules=[StaticEmbedding(bpe, embedding_dim=32)], device="cpu")
+    steps, lr = pretrain
+    if steps:
+        ids = torch.tensor([t for text in texts for t in tok(text)["input_ids"] + [eos]])
+        opt, g = torch.optim.AdamW(model.parameters(), lr=lr), torch.Generator().manual_seed(seed)
+        for _ in range(steps):
+            starts = torch.randint(0, len(ids) - 129, (16,), generator=g).tolist()
+            batch = torch.stack([ids[s: s + 128] for s in starts])                   # (16, 128)
+            logits = model(input_ids=batch, attention_mask=torch.ones_like(batch)).logits
+            F.cross_entropy(logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten()).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
     if save_to is not None:
         model.save_pretrained(save_to)
         tok.save_pretrained(save_to)

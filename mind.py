@@ -152,9 +152,13 @@ class Config:
     deterministic: bool = flag("engineering", False, "deterministic kernels: GPU runs repeat bit "
                                "for bit, slower [ours]")
 
-    # ours, not flags: a random 2-layer demo student learns visibly in minutes only with a large LR;
-    # Table 8 has two rows of students, 1.5B and 7B/8B, and we split them at 4B parameters.
+    # ours, not flags: a random 2-layer demo student learns visibly in minutes only with a large LR,
+    # and it first reads the data as a plain language model (120 steps of 16 x 128 tokens at LR
+    # 1e-2, seconds on a CPU), so that its losses on the perspectives differ within the demo's
+    # minute, as a real student's do; Table 8 has two rows of students, 1.5B and 7B/8B, and we
+    # split them at 4B parameters.
     TINY_LR: ClassVar[float] = 3e-3
+    TINY_PRETRAIN: ClassVar[tuple[int, float]] = (120, 1e-2)
     LARGE_STUDENT: ClassVar[float] = 4e9
     PASS_BUDGET: ClassVar[int] = 2048  # --max-tokens-per-pass of a real student (see its help)
 
@@ -372,7 +376,7 @@ def load_student(name: str, cfg: Config, texts: list[str], device):
     encoder = None
     if name == "tiny":
         tiny = Path(cfg.out) / "tiny-student"  # saved there: the base of the run's adapter
-        model, tok, encoder = build_tiny(texts, cfg.seed, cfg.max_len, save_to=tiny)
+        model, tok, encoder = build_tiny(texts, cfg.seed, cfg.max_len, tiny, Config.TINY_PRETRAIN)
     else:
         tok = from_hub(AutoTokenizer.from_pretrained, name, "--student")  # or one clear line
         model = from_hub(AutoModelForCausalLM.from_pretrained, name, "--student",
@@ -709,19 +713,19 @@ def train_epoch(run: Training, epoch: int, warmup: bool, log: RunLog, stop: Stop
 
 def guarded_step(run: Training, epoch: int, i: int, idx: list[int], warmup: bool, scale: float,
                  meta_scale: float, log: RunLog):
-    """micro_step on micro-batch i of the epoch (problems idx), with what a long run needs around it: an
-    out-of-memory error redoes it in smaller passes (the numbers do not change), and where even one
-    path cannot fit, the run ends with a checkpoint from before it; a NaN or inf loss stops the run
-    before any optimizer step (infra.stop_if_diverged)."""
+    """micro_step on micro-batch i of the epoch (problems idx), with what a long run needs around
+    it: an out-of-memory error redoes it in smaller passes (the numbers do not change), and where
+    even one path cannot fit, the run ends with a checkpoint from before it; a NaN or inf loss stops
+    the run before any optimizer step (infra.stop_if_diverged)."""
     cfg = run.cfg
     problems = [run.paths[b] for b in idx]
-    step = lambda: micro_step(cfg, problems, run.h_x[idx], run.h_r[idx], run.metanet, run.body,
-                              run.head, warmup, run.device, scale, meta_scale, run.scaler)
+    attempt = lambda: micro_step(cfg, problems, run.h_x[idx], run.h_r[idx], run.metanet, run.body,
+                                 run.head, warmup, run.device, scale, meta_scale, run.scaler)
     longest = max(len(p.ids) for pp in problems for p in pp)
     say = lambda line: log.event(line, kind="oom", step=run.step,
                                  max_tokens_per_pass=cfg.max_tokens_per_pass)
     try:
-        l_meta, info = fast.retry_on_oom(step, [*run.lora, *run.metanet.parameters()], cfg,
+        l_meta, info = fast.retry_on_oom(attempt, [*run.lora, *run.metanet.parameters()], cfg,
                                          longest, say)
     except fast.OutOfMemory as e:  # nothing is lost: a checkpoint from before this micro-batch
         if (epoch, i) != run.saved_at:

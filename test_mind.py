@@ -606,6 +606,45 @@ def test_metanet_learns_to_rank_learnable_paths_higher(tmp_path):
     assert sum(last[f"alpha/{k}"] for k in learnable) > 0.9  # the student now learns mostly from them
 
 
+def planted(path, junk, n=16, seed=0):
+    """The sample's first n problems with the perspectives `junk` made unlearnable: each of their
+    rationales is its own words in a seeded random order, the boxed answer kept. A student cannot
+    predict such text better than its word frequencies, whatever it learns; per token it stays hard
+    (random letters would not: under a BPE tokenizer trained on them they are easy, token by token)."""
+    rng, rows = random.Random(seed), []
+    for line in SAMPLE.read_text().splitlines()[:n]:
+        r = json.loads(line)
+        for k in junk:
+            words = r["rationales"][k][: r["rationales"][k].rfind("\\boxed{")].split()
+            rng.shuffle(words)
+            r["rationales"][k] = " ".join(words) + "\n\\boxed{" + r["answer"] + "}"
+        rows.append(r)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_metanet_takes_the_weight_off_three_unlearnable_perspectives(tmp_path):
+    """Section 3.3: MetaNet learns (Eq. 1) which paths the student can learn and I_dyn drops the
+    others. Three perspectives made unlearnable end with under 5% of alpha in all and outside I_dyn
+    for at least 90% of the problems; --variant uniform gives them their 3/8 regardless."""
+    junk = ("analogy", "socratic", "counterfactual")
+    data = planted(tmp_path / "planted.jsonl", junk)
+    cfg = mind.Config(student="tiny", data=str(data), out=str(tmp_path / "mind"), epochs=4, device="cpu")
+    last = mind.main(cfg)["metrics"]
+    assert sum(last[f"alpha/{k}"] for k in junk) < 0.05, last
+    # I_dyn of every problem under the final MetaNet, on the run's own cached embeddings
+    emb = torch.load(tmp_path / "mind" / "embeddings.pt", weights_only=True)
+    metanet = mind.MetaNet(emb["h_x"].shape[-1], cfg.meta_dim, cfg.meta_heads)
+    metanet.load_state_dict(torch.load(tmp_path / "mind" / "metanet.pt", weights_only=True))
+    with torch.no_grad():
+        selected, _ = mind.select_perspectives(metanet(emb["h_x"], emb["h_r"]), cfg.beta, cfg.tau_student)
+    none_selected = ~selected[:, [PERSPECTIVE_KEYS.index(k) for k in junk]].any(1)
+    assert none_selected.float().mean() >= 0.9
+    uniform = mind.main(mind.Config(student="tiny", data=str(data), out=str(tmp_path / "uniform"), epochs=1,
+                                    variant="uniform", device="cpu"))["metrics"]
+    assert sum(uniform[f"alpha/{k}"] for k in junk) == pytest.approx(3 / 8)
+
+
 # ---------------------------------------------------------------- the paper's variants (--variant)
 VARIANTS = ["single:analogy", "uniform", "topk:2", "no-synergy", "no-inertia"]
 
