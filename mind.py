@@ -348,9 +348,9 @@ def _jsd(p, q):
 
 
 def total_loss(alpha, path_losses, answer_logprobs, answer_mask, lam: float):
-    """Eq. 4: L_student = L_SFT + lambda * L_cons, from the per-path values of B problems:
-    path_losses (B, K) and answer_logprobs (B, K, A, V), or None where Eq. 3 is not computed
-    (lambda = 0). Returns (L_student, L_SFT, L_cons); the two terms are for the log."""
+    """Eq. 4: L_total = L_SFT + lambda * L_cons, the student's objective, from the per-path values
+    of B problems: path_losses (B, K) and answer_logprobs (B, K, A, V), or None where Eq. 3 is not
+    computed (lambda = 0). Returns (L_total, L_SFT, L_cons); the two terms are for the log."""
     l_sft = sft_loss(alpha, path_losses)                                                 # Eq. 2
     l_cons = torch.zeros((), device=alpha.device)
     if answer_logprobs is not None:
