@@ -262,7 +262,8 @@ def test_step_does_not_depend_on_the_pass_budget_or_packing(tiny, beta):
     base = dict(student="tiny", beta=beta, tau_student=1.0, max_len=16)
     one_pass = step_grads(tiny, problems, mind.Config(**base, max_tokens_per_pass=10**6), h_x, h_r, metanet)
     assert 0 < one_pass[2]["base_model.model.transformer.h.0.attn.c_attn.lora_A.default.weight"].abs().sum()
-    for budget, packing in ((16, True), (700, True), (10**6, False), (900, False), (-1, True), (-1, False)):
+    cases = ((16, True), (700, True), (10**6, False), (900, False), (-1, True), (-1, False))  # -1: plain
+    for budget, packing in cases:
         cfg = mind.Config(**base, max_tokens_per_pass=budget, packing=packing)
         assert_same_step(step_grads(tiny, problems, cfg, h_x, h_r, metanet), one_pass)
 
@@ -609,8 +610,9 @@ def test_metanet_learns_to_rank_learnable_paths_higher(tmp_path):
 def planted(path, junk, n=16, seed=0):
     """The sample's first n problems with the perspectives `junk` made unlearnable: each of their
     rationales is its own words in a seeded random order, the boxed answer kept. A student cannot
-    predict such text better than its word frequencies, whatever it learns; per token it stays hard
-    (random letters would not: under a BPE tokenizer trained on them they are easy, token by token)."""
+    predict such text better than its word frequencies, whatever it learns; per token it stays
+    hard (random letters would not: under a BPE tokenizer trained on them they are easy, token by
+    token)."""
     rng, rows = random.Random(seed), []
     for line in SAMPLE.read_text().splitlines()[:n]:
         r = json.loads(line)
@@ -629,7 +631,8 @@ def test_metanet_takes_the_weight_off_three_unlearnable_perspectives(tmp_path):
     for at least 90% of the problems; --variant uniform gives them their 3/8 regardless."""
     junk = ("analogy", "socratic", "counterfactual")
     data = planted(tmp_path / "planted.jsonl", junk)
-    cfg = mind.Config(student="tiny", data=str(data), out=str(tmp_path / "mind"), epochs=4, device="cpu")
+    cfg = mind.Config(student="tiny", data=str(data), out=str(tmp_path / "mind"), epochs=4,
+                      device="cpu")
     last = mind.main(cfg)["metrics"]
     assert sum(last[f"alpha/{k}"] for k in junk) < 0.05, last
     # I_dyn of every problem under the final MetaNet, on the run's own cached embeddings
@@ -637,11 +640,12 @@ def test_metanet_takes_the_weight_off_three_unlearnable_perspectives(tmp_path):
     metanet = mind.MetaNet(emb["h_x"].shape[-1], cfg.meta_dim, cfg.meta_heads)
     metanet.load_state_dict(torch.load(tmp_path / "mind" / "metanet.pt", weights_only=True))
     with torch.no_grad():
-        selected, _ = mind.select_perspectives(metanet(emb["h_x"], emb["h_r"]), cfg.beta, cfg.tau_student)
+        scores = metanet(emb["h_x"], emb["h_r"])
+        selected, _ = mind.select_perspectives(scores, cfg.beta, cfg.tau_student)
     none_selected = ~selected[:, [PERSPECTIVE_KEYS.index(k) for k in junk]].any(1)
     assert none_selected.float().mean() >= 0.9
-    uniform = mind.main(mind.Config(student="tiny", data=str(data), out=str(tmp_path / "uniform"), epochs=1,
-                                    variant="uniform", device="cpu"))["metrics"]
+    uniform = mind.main(mind.Config(student="tiny", data=str(data), out=str(tmp_path / "uniform"),
+                                    epochs=1, variant="uniform", device="cpu"))["metrics"]
     assert sum(uniform[f"alpha/{k}"] for k in junk) == pytest.approx(3 / 8)
 
 
