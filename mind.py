@@ -408,7 +408,9 @@ def add_lora(model, cfg: Config, device):
                       fan_in_fan_out=model.config.model_type == "gpt2")  # GPT-2: transposed linears
     peft_model = get_peft_model(model, lora).to(device)  # infra.py: without a FutureWarning
     fast.skip_lora_input_cast(peft_model)
-    return peft_model
+    # training mode for every module (from_pretrained leaves eval): gradient checkpointing acts
+    # only in it, and with no dropout left it changes nothing else
+    return peft_model.train()
 
 
 def tokenize_paths(tok, rows, max_len: int) -> tuple[list[list[TokenPath]], int]:

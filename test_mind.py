@@ -319,6 +319,18 @@ def test_the_student_trains_through_the_equation_functions(tiny, monkeypatch):
     assert any(not torch.allclose(both[n], only_sft[n]) for n in only_sft)  # Eq. 3 has a share
 
 
+def test_add_lora_puts_a_loaded_student_in_training_mode(tiny, tmp_path):
+    """from_pretrained returns a model in eval mode, where transformers skips gradient
+    checkpointing: add_lora must leave every module training, or a 7B student silently trains
+    without the checkpointing its memory needs."""
+    from transformers import AutoModelForCausalLM
+    tiny["model"].get_base_model().save_pretrained(tmp_path / "m")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    assert not model.training
+    peft_model = mind.add_lora(model, mind.Config(student="x", grad_checkpointing=True), torch.device("cpu"))
+    assert all(m.training for m in peft_model.modules())
+
+
 def test_lora_dropout_is_refused_in_one_line():
     with pytest.raises(ValueError, match="--lora-dropout 0.1"):
         mind.Config(lora_dropout=0.1)
